@@ -1,0 +1,54 @@
+//! RabbitMQ: connection, topology, confirmed publishing, and the consume loop.
+
+use lapin::{Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+
+mod publisher;
+mod topology;
+
+pub use publisher::Publisher;
+pub use topology::declare;
+
+/// A broker operation that failed; every message says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The connection could not be opened.
+    #[error("cannot connect to RabbitMQ at {url} ({source}); check AMQP_URL, that the broker is running, and the user's permissions on the vhost")]
+    Connect {
+        /// The URL with its password hidden.
+        url: String,
+        /// The cause.
+        source: lapin::Error,
+    },
+    /// Declaring or checking a queue failed.
+    #[error("cannot declare queue {queue} ({source}); check the user's configure permission on the vhost")]
+    Topology {
+        /// The queue.
+        queue: String,
+        /// The cause.
+        source: lapin::Error,
+    },
+    /// A publish was refused (nack), returned unroutable, or the channel failed before its confirm.
+    #[error("publish to {queue} not confirmed: {reason}")]
+    NotConfirmed {
+        /// The target queue.
+        queue: String,
+        /// Why.
+        reason: String,
+    },
+    /// Any other channel or connection failure.
+    #[error("broker channel failed: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+/// Opens a connection named after this process, so operators can tell workers apart
+/// in the management dashboard.
+pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url.expose_secret(), properties)
+        .await
+        .map_err(|source| BrokerError::Connect {
+            url: crate::config::redact_url(url.expose_secret()),
+            source,
+        })
+}

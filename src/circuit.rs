@@ -1,0 +1,166 @@
+//! Per-vendor circuit breaker: holds a vendor's jobs while its credentials are
+//! refused or it cannot be reached, and lets one probe through with backoff.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::job::VendorKind;
+
+/// First wait before probing a tripped vendor; doubles up to [`MAX_PROBE_DELAY`].
+const FIRST_PROBE_DELAY: Duration = Duration::from_millis(500);
+const MAX_PROBE_DELAY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct State {
+    /// Set while the vendor is held; the time the next probe may go.
+    open_until: Option<Instant>,
+    /// A probe is in flight: other jobs keep waiting for its verdict.
+    probing: bool,
+    /// Trips in a row, for the probe backoff.
+    trips: u32,
+    /// Why it is open, for the readiness endpoint.
+    reason: Option<String>,
+}
+
+/// The circuit of one vendor.
+#[derive(Debug, Default)]
+pub struct Circuit {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+/// Permission to call the vendor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The circuit is closed.
+    Closed,
+    /// The circuit is open and this call is the probe.
+    Probe,
+}
+
+impl Circuit {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the vendor may be called: closed, or this caller is the probe.
+    pub async fn pass(&self) -> Pass {
+        loop {
+            let notified = self.changed.notified();
+            let wait_until = {
+                let mut state = self.lock();
+                match state.open_until {
+                    None => return Pass::Closed,
+                    Some(until) if !state.probing && until <= Instant::now() => {
+                        state.probing = true;
+                        return Pass::Probe;
+                    }
+                    Some(_) if state.probing => None,
+                    Some(until) => Some(until),
+                }
+            };
+            match wait_until {
+                Some(until) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Records a vendor-wide failure; returns true when this opened the circuit.
+    pub fn trip(&self, reason: String) -> bool {
+        let mut state = self.lock();
+        let opened = state.open_until.is_none();
+        state.trips = state.trips.saturating_add(1);
+        let delay = FIRST_PROBE_DELAY
+            .saturating_mul(2u32.saturating_pow(state.trips.saturating_sub(1).min(16)))
+            .min(MAX_PROBE_DELAY);
+        state.open_until = Some(Instant::now() + delay);
+        state.probing = false;
+        state.reason = Some(reason);
+        drop(state);
+        self.changed.notify_waiters();
+        opened
+    }
+
+    /// Records a call the vendor answered; returns true when this closed the circuit.
+    pub fn succeed(&self) -> bool {
+        let mut state = self.lock();
+        let was_open = state.open_until.is_some();
+        *state = State::default();
+        drop(state);
+        if was_open {
+            self.changed.notify_waiters();
+        }
+        was_open
+    }
+
+    /// Why the circuit is open, or `None` when it is closed.
+    pub fn open_reason(&self) -> Option<String> {
+        let state = self.lock();
+        state.open_until.and(state.reason.clone())
+    }
+}
+
+/// The circuits of both vendors.
+#[derive(Debug, Default)]
+pub struct Circuits {
+    mimecast: Circuit,
+    pncp: Circuit,
+}
+
+impl Circuits {
+    /// The circuit of one vendor.
+    pub fn get(&self, vendor: VendorKind) -> &Circuit {
+        match vendor {
+            VendorKind::Mimecast => &self.mimecast,
+            VendorKind::Pncp => &self.pncp,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tripped_circuit_lets_one_probe_through_after_the_delay() {
+        let circuit = std::sync::Arc::new(Circuit::default());
+        assert_eq!(circuit.pass().await, Pass::Closed);
+        assert!(circuit.trip("401".into()));
+        let started = Instant::now();
+        assert_eq!(circuit.pass().await, Pass::Probe);
+        assert!(started.elapsed() >= FIRST_PROBE_DELAY);
+        let waiter = {
+            let circuit = circuit.clone();
+            tokio::spawn(async move { circuit.pass().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "a second caller must wait for the probe"
+        );
+        assert!(circuit.succeed());
+        assert_eq!(waiter.await.unwrap(), Pass::Closed);
+        assert!(circuit.open_reason().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probe_delays_grow_while_the_vendor_keeps_failing() {
+        let circuit = Circuit::default();
+        circuit.trip("a".into());
+        assert_eq!(circuit.pass().await, Pass::Probe);
+        assert!(!circuit.trip("b".into()));
+        let started = Instant::now();
+        assert_eq!(circuit.pass().await, Pass::Probe);
+        assert!(started.elapsed() >= FIRST_PROBE_DELAY * 2);
+        assert_eq!(circuit.open_reason().as_deref(), Some("b"));
+    }
+}

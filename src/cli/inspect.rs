@@ -1,0 +1,133 @@
+//! `account-worker results` and `account-worker dlq list`: read the output queues.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::broker::{self, BrokerError};
+use crate::config::Settings;
+use crate::job::JobResult;
+
+/// Takes up to `count` results off the results queue (acking each) and prints them;
+/// stops early when none arrives for `idle`. Returns how many were read.
+pub async fn results(
+    settings: &Settings,
+    count: usize,
+    idle: Duration,
+    json: bool,
+) -> Result<usize, BrokerError> {
+    let broker_settings = &settings.broker;
+    let connection = broker::connect(&broker_settings.amqp_url, "account-worker results").await?;
+    broker::declare(&connection, &broker_settings.jobs_queue).await?;
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(100, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            broker_settings.jobs_queue.results.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut read = 0;
+    while read < count {
+        let Ok(Some(delivery)) = tokio::time::timeout(idle, consumer.next()).await else {
+            break;
+        };
+        let delivery = delivery?;
+        if json {
+            println!("{}", String::from_utf8_lossy(&delivery.data));
+        } else {
+            match serde_json::from_slice::<JobResult>(&delivery.data) {
+                Ok(result) => print_result(&result),
+                Err(_) => println!(
+                    "(unreadable result) {}",
+                    String::from_utf8_lossy(&delivery.data)
+                ),
+            }
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        read += 1;
+    }
+    let _ = connection.close(200, "results read".into()).await;
+    Ok(read)
+}
+
+fn print_result(result: &JobResult) {
+    println!(
+        "{:<24} {:<8} {:<9} succeeded={} failed={} attempts={} (HTTP {})",
+        result.job_id,
+        result.vendor,
+        result.status.as_str(),
+        result.data.len(),
+        result.fail.len(),
+        result.attempts,
+        result.meta.status
+    );
+    for failure in &result.fail {
+        for error in &failure.errors {
+            println!(
+                "    fail {}: {} ({})",
+                failure.key, error.code, error.message
+            );
+        }
+    }
+}
+
+/// Prints up to `limit` dead letters with their headers, leaving them in the queue.
+pub async fn dlq_list(settings: &Settings, limit: usize) -> Result<usize, BrokerError> {
+    let broker_settings = &settings.broker;
+    let connection = broker::connect(&broker_settings.amqp_url, "account-worker dlq").await?;
+    broker::declare(&connection, &broker_settings.jobs_queue).await?;
+    let channel = connection.create_channel().await?;
+    let mut shown = 0;
+    // Messages got without ack stay unacked until the channel closes, so each is
+    // seen once here and all return to the queue untouched afterwards.
+    while shown < limit {
+        let Some(message) = channel
+            .basic_get(
+                broker_settings.jobs_queue.dead.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await?
+        else {
+            break;
+        };
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<28} attempts={} {}",
+            header(&headers, "x-job-id").unwrap_or_else(|| "(no jobId)".to_owned()),
+            header(&headers, "x-error-code").unwrap_or_default(),
+            header(&headers, "x-attempts").unwrap_or_default(),
+            header(&headers, "x-error-message").unwrap_or_default(),
+        );
+        println!(
+            "    body: {}",
+            String::from_utf8_lossy(&message.delivery.data)
+        );
+        shown += 1;
+    }
+    let _ = channel.close(200, "listed".into()).await;
+    let _ = connection.close(200, "listed".into()).await;
+    Ok(shown)
+}
+
+/// A header as text, whatever AMQP type it was sent as.
+pub fn header(headers: &FieldTable, name: &str) -> Option<String> {
+    let value = headers.inner().get(name)?;
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    })
+}

@@ -1,0 +1,232 @@
+//! Wire types of the job contract: parsing and validation of jobs, and the result shape.
+//!
+//! A delivery becomes a [`Job`] here or nothing does: malformed messages are
+//! refused as a whole ([`Malformed`]), while an invalid item is set aside with an
+//! `err_validation_<field>` error so that it never reaches a vendor and the
+//! valid items of the same job still run.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+mod validate;
+
+/// Largest message body accepted; a real job of 100 items is far below it.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Most items one job may carry.
+pub const MAX_ITEMS: usize = 100;
+/// Longest `jobId`.
+pub const MAX_JOB_ID_CHARS: usize = 200;
+
+/// The vendor a job is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VendorKind {
+    /// Mimecast API 1.0 update-account.
+    Mimecast,
+    /// PNCP Modify Account.
+    Pncp,
+}
+
+impl VendorKind {
+    /// The name used in jobs, results, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mimecast => "mimecast",
+            Self::Pncp => "pncp",
+        }
+    }
+}
+
+impl fmt::Display for VendorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job id: non-empty, at most [`MAX_JOB_ID_CHARS`] characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// Accepts a candidate id, or says why not.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let chars = value.chars().count();
+        if chars == 0 || chars > MAX_JOB_ID_CHARS {
+            return Err(format!(
+                "jobId must be 1 to {MAX_JOB_ID_CHARS} characters, got {chars}"
+            ));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One validated item, kept as the JSON object the producer sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    /// Position in the job's `data`, to keep results in the producer's order.
+    pub index: usize,
+    /// The account the item changes (`accountCode` or `accountId`).
+    pub account: String,
+    /// The item exactly as sent.
+    pub body: Map<String, Value>,
+}
+
+impl Item {
+    /// Whether resending this item after an unknown outcome could apply it twice.
+    ///
+    /// Only Mimecast's `numberOfUsers` is additive; every other field replaces.
+    pub fn is_additive(&self) -> bool {
+        self.body
+            .get("numberOfUsers")
+            .and_then(Value::as_i64)
+            .is_some_and(|n| n != 0)
+    }
+
+    /// The item as JSON, for `fail[].key` and dead letters.
+    pub fn to_value(&self) -> Value {
+        Value::Object(self.body.clone())
+    }
+}
+
+/// A parsed job: valid items to send, and items refused by validation.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The producer's id for this change.
+    pub id: JobId,
+    /// Which vendor the items go to.
+    pub vendor: VendorKind,
+    /// Items that passed validation, in order.
+    pub items: Vec<Item>,
+    /// Items that failed validation, with their errors, in order.
+    pub rejected: Vec<(usize, FailEntry)>,
+}
+
+/// A message that is not a job at all; it is dead-lettered byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    /// The job id, when one could be read.
+    pub job_id: Option<JobId>,
+    /// The vendor as written, when it was a string, so the result names it.
+    pub vendor: Option<String>,
+    /// What is wrong, for `x-error-message`.
+    pub reason: String,
+}
+
+/// One error of one item, as Mimecast reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemError {
+    /// Vendor code passed through unchanged, or one of the worker's `err_` codes.
+    pub code: String,
+    /// Human-readable reason.
+    #[serde(default)]
+    pub message: String,
+    /// Whether sending the item again could succeed.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+impl ItemError {
+    /// A permanent error with the worker's own code.
+    pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// One failed item: the item as sent and why it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailEntry {
+    /// The item as sent (or as received, when it never was).
+    pub key: Value,
+    /// At least one error.
+    pub errors: Vec<ItemError>,
+}
+
+/// The overall outcome of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Every item succeeded.
+    Succeeded,
+    /// Some items succeeded, some failed.
+    Partial,
+    /// No item succeeded.
+    Failed,
+}
+
+impl JobStatus {
+    /// Derives the status from the counts of succeeded and failed items.
+    pub fn from_counts(succeeded: usize, failed: usize) -> Self {
+        match (succeeded, failed) {
+            (_, 0) if succeeded > 0 => Self::Succeeded,
+            (0, _) => Self::Failed,
+            _ => Self::Partial,
+        }
+    }
+
+    /// The name used in results and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Partial => "partial",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// `meta` of a result: the last HTTP status the vendor answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultMeta {
+    /// HTTP status of the last vendor response, or the status the worker
+    /// answered in the vendor's place (400 when nothing was valid to send).
+    pub status: u16,
+}
+
+/// The one result published per job on `<JOBS_QUEUE>.results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobResult {
+    /// The job's id (also the message's `correlation_id`).
+    pub job_id: String,
+    /// The job's vendor, as the job named it.
+    pub vendor: String,
+    /// Overall outcome.
+    pub status: JobStatus,
+    /// Last vendor HTTP status.
+    pub meta: ResultMeta,
+    /// The vendor's data element for each item that succeeded.
+    pub data: Vec<Value>,
+    /// Each item that failed, with its errors.
+    pub fail: Vec<FailEntry>,
+    /// Vendor attempts made (0 when nothing was sent).
+    pub attempts: u32,
+}
+
+impl JobResult {
+    /// The first error code of the first failed item: the dead letter's `x-error-code`.
+    pub fn first_error(&self) -> Option<&ItemError> {
+        self.fail.first().and_then(|f| f.errors.first())
+    }
+}
+
+/// Parses and validates one message body.
+pub fn parse(body: &[u8]) -> Result<Job, Malformed> {
+    validate::parse_job(body)
+}

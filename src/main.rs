@@ -1,0 +1,68 @@
+//! The `account-worker` binary: parse the command line, load settings, run.
+
+use anyhow::Context;
+use clap::Parser;
+
+use account_worker::cli::{self, Cli, Command, DlqAction};
+use account_worker::config::Settings;
+use account_worker::{metrics, shutdown, telemetry, worker::Worker};
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli).await {
+        // One line naming what went wrong, never a backtrace.
+        eprintln!("account-worker: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log);
+    match cli.command {
+        Command::Run => {
+            let stop = shutdown::on_signal();
+            let worker = Worker::new(settings.clone())?;
+            let listener = metrics::bind(settings.metrics_addr)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot serve METRICS_ADDR {}; choose a free address",
+                        settings.metrics_addr
+                    )
+                })?;
+            let endpoints = tokio::spawn(metrics::serve(
+                listener,
+                worker.health().clone(),
+                stop.clone(),
+            ));
+            worker.run(stop).await;
+            let _ = endpoints.await;
+        }
+        Command::Check => cli::check::run(&settings).await?,
+        Command::Publish { file } => {
+            let published = cli::publish::run(&settings, file.as_deref()).await?;
+            eprintln!(
+                "published {published} jobs to {}",
+                settings.broker.jobs_queue.jobs
+            );
+        }
+        Command::Results { count, idle, json } => {
+            cli::inspect::results(&settings, count, idle, json).await?;
+        }
+        Command::Dlq {
+            action: DlqAction::List { limit },
+        } => {
+            let shown = cli::inspect::dlq_list(&settings, limit).await?;
+            eprintln!(
+                "{shown} dead letters shown (left in {})",
+                settings.broker.jobs_queue.dead
+            );
+        }
+        Command::MockVendor { listen, latency } => {
+            cli::mock::run(&settings, listen, latency, shutdown::on_signal()).await?;
+        }
+    }
+    Ok(())
+}

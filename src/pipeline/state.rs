@@ -1,0 +1,111 @@
+//! The progress of one job: which items succeeded, failed, or still wait for a call.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::job::{FailEntry, Item, ItemError, Job, JobResult, JobStatus, ResultMeta};
+
+/// Item by item progress; turned into the job's result when nothing is pending.
+#[derive(Debug, Clone)]
+pub(crate) struct JobState {
+    pub(crate) job: Job,
+    succeeded: BTreeMap<usize, Value>,
+    failed: BTreeMap<usize, FailEntry>,
+    /// Indices into `job.items` still to be sent.
+    pending: Vec<usize>,
+    pub(crate) attempts: u32,
+    pub(crate) last_http_status: Option<u16>,
+}
+
+impl JobState {
+    pub(crate) fn new(job: Job) -> Self {
+        let failed = job.rejected.iter().cloned().collect();
+        let pending = (0..job.items.len()).collect();
+        Self {
+            job,
+            succeeded: BTreeMap::new(),
+            failed,
+            pending,
+            attempts: 0,
+            last_http_status: None,
+        }
+    }
+
+    /// The items still waiting for a call, in order.
+    pub(crate) fn pending_items(&self) -> Vec<&Item> {
+        self.pending.iter().map(|&i| &self.job.items[i]).collect()
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn position(&self, item_index: usize) -> Option<usize> {
+        self.job
+            .items
+            .iter()
+            .position(|item| item.index == item_index)
+    }
+
+    fn take_pending(&mut self, item_index: usize) -> Option<&Item> {
+        let position = self.position(item_index)?;
+        let slot = self.pending.iter().position(|&p| p == position)?;
+        self.pending.remove(slot);
+        Some(&self.job.items[position])
+    }
+
+    /// The item was applied; `data` is the vendor's element for it.
+    pub(crate) fn succeed(&mut self, item_index: usize, data: Value) {
+        if self.take_pending(item_index).is_some() {
+            self.succeeded.insert(item_index, data);
+        }
+    }
+
+    /// The item failed for good.
+    pub(crate) fn fail(&mut self, item_index: usize, errors: Vec<ItemError>) {
+        if let Some(item) = self.take_pending(item_index) {
+            let key = item.to_value();
+            self.failed.insert(item_index, FailEntry { key, errors });
+        }
+    }
+
+    /// Every pending item fails with the same error.
+    pub(crate) fn fail_all_pending(&mut self, error: &ItemError) {
+        let pending: Vec<usize> = self.pending_items().iter().map(|item| item.index).collect();
+        for index in pending {
+            self.fail(index, vec![error.clone()]);
+        }
+    }
+
+    /// The job's one result.
+    pub(crate) fn result(&self) -> JobResult {
+        let status = JobStatus::from_counts(self.succeeded.len(), self.failed.len());
+        JobResult {
+            job_id: self.job.id.to_string(),
+            vendor: self.job.vendor.to_string(),
+            status,
+            // Nothing valid to send is a bad request, as the vendor would have said.
+            meta: ResultMeta {
+                status: self.last_http_status.unwrap_or(400),
+            },
+            data: self.succeeded.values().cloned().collect(),
+            fail: self.failed.values().cloned().collect(),
+            attempts: self.attempts,
+        }
+    }
+
+    /// The job with only its failed items, for the dead-letter queue.
+    pub(crate) fn failed_job_body(&self) -> Option<Vec<u8>> {
+        if self.failed.is_empty() {
+            return None;
+        }
+        let items: Vec<&Value> = self.failed.values().map(|f| &f.key).collect();
+        serde_json::to_vec(&json!({
+            "jobId": self.job.id.as_str(),
+            "vendor": self.job.vendor,
+            "data": items,
+        }))
+        .ok()
+    }
+}

@@ -1,0 +1,169 @@
+//! The vendor seam: one enum the pipeline calls, returning per-item outcomes.
+//!
+//! A vendor module turns a slice of validated items into one HTTP call (or, for
+//! PNCP, one call per item) and reports, item by item, what the vendor did. Every
+//! way a call can go wrong is a [`VendorError`] variant; deciding what to do about
+//! it is `retry::classify`'s job, not the client's.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::Settings;
+use crate::job::{Item, ItemError, VendorKind};
+
+mod http;
+pub mod mimecast;
+pub mod pncp;
+pub mod signing;
+
+pub use mimecast::MimecastClient;
+pub use pncp::PncpClient;
+
+/// What the vendor did with one item of a call that ran.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemOutcome {
+    /// Applied; the vendor's data element for the item.
+    Applied(Value),
+    /// Refused; the vendor's errors, passed through unchanged.
+    Failed(Vec<ItemError>),
+    /// The call ran but the response does not mention the item.
+    Unaccounted,
+}
+
+/// Quota the vendor reported on its last response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaHint {
+    /// Calls left in the current window.
+    pub remaining: u64,
+    /// Time until the quota returns.
+    pub reset: Duration,
+}
+
+/// The report of one call that the vendor answered with a result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallReport {
+    /// HTTP status of the final response.
+    pub http_status: u16,
+    /// One outcome per item sent, in the same order.
+    pub outcomes: Vec<ItemOutcome>,
+    /// Quota headers, when the vendor sent them.
+    pub quota: Option<QuotaHint>,
+}
+
+/// Why a call produced no per-item report.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VendorError {
+    /// Nothing was sent (connection refused, DNS): safe to resend.
+    #[error("could not reach the vendor ({0}); check its base URL and the network")]
+    Unreachable(String),
+    /// The request may have reached the vendor but no answer came back.
+    #[error("connection lost after the request was sent ({0})")]
+    Interrupted(String),
+    /// No complete answer within `VENDOR_TIMEOUT`.
+    #[error("no answer within VENDOR_TIMEOUT")]
+    Timeout,
+    /// 429: the call was not executed.
+    #[error("throttled by the vendor (HTTP 429)")]
+    Throttled {
+        /// When the quota returns, if the vendor said.
+        retry_after: Option<Duration>,
+    },
+    /// 401/403: the credentials, not the job, are at fault.
+    #[error("credentials refused (HTTP {status} {code}: {message}); check the API keys, application id/key and the API user's binding")]
+    Credentials {
+        /// HTTP status.
+        status: u16,
+        /// Vendor error code.
+        code: String,
+        /// Vendor message.
+        message: String,
+    },
+    /// Any other non-success status.
+    #[error("HTTP {status} {code}: {message}")]
+    Http {
+        /// HTTP status.
+        status: u16,
+        /// Vendor error code, or `err_http_<status>`.
+        code: String,
+        /// Vendor message.
+        message: String,
+    },
+    /// A success status whose body could not be understood.
+    #[error("unreadable vendor response (HTTP {status}): {detail}")]
+    BadResponse {
+        /// HTTP status.
+        status: u16,
+        /// What could not be read.
+        detail: String,
+    },
+}
+
+/// A configured vendor client.
+#[derive(Debug, Clone)]
+pub enum VendorClient {
+    /// Mimecast API 1.0.
+    Mimecast(MimecastClient),
+    /// PNCP.
+    Pncp(PncpClient),
+}
+
+impl VendorClient {
+    /// Which vendor this client calls.
+    pub fn kind(&self) -> VendorKind {
+        match self {
+            Self::Mimecast(_) => VendorKind::Mimecast,
+            Self::Pncp(_) => VendorKind::Pncp,
+        }
+    }
+
+    /// Most items one call may carry.
+    pub fn max_items_per_call(&self) -> usize {
+        match self {
+            Self::Mimecast(_) => crate::job::MAX_ITEMS,
+            Self::Pncp(_) => 1,
+        }
+    }
+
+    /// Sends the items in one call and reports per item.
+    pub async fn send(&self, items: &[&Item]) -> Result<CallReport, VendorError> {
+        match self {
+            Self::Mimecast(client) => client.send(items).await,
+            Self::Pncp(client) => client.send(items).await,
+        }
+    }
+}
+
+/// The clients of every configured vendor.
+#[derive(Debug, Clone, Default)]
+pub struct Vendors {
+    /// `None` while `MIMECAST_BASE_URL` is unset.
+    pub mimecast: Option<VendorClient>,
+    /// `None` while `PNCP_BASE_URL` is unset.
+    pub pncp: Option<VendorClient>,
+}
+
+impl Vendors {
+    /// Builds a client for each configured vendor, sharing one connection pool.
+    pub fn from_settings(settings: &Settings) -> Result<Self, reqwest::Error> {
+        let http = http::client(settings)?;
+        Ok(Self {
+            mimecast: settings
+                .mimecast
+                .as_ref()
+                .map(|s| VendorClient::Mimecast(MimecastClient::new(http.clone(), s))),
+            pncp: settings
+                .pncp
+                .as_ref()
+                .map(|s| VendorClient::Pncp(PncpClient::new(http.clone(), s))),
+        })
+    }
+
+    /// The client for a vendor, if configured.
+    pub fn get(&self, kind: VendorKind) -> Option<&VendorClient> {
+        match kind {
+            VendorKind::Mimecast => self.mimecast.as_ref(),
+            VendorKind::Pncp => self.pncp.as_ref(),
+        }
+    }
+}

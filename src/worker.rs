@@ -1,0 +1,270 @@
+//! The worker process: broker sessions with reconnection, the consume loop, and
+//! graceful shutdown. Each delivery runs the pipeline in its own task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::broker::{self, BrokerError, Publisher};
+use crate::circuit::Circuits;
+use crate::config::Settings;
+use crate::health::Health;
+use crate::limiter::Limiters;
+use crate::pipeline::{Outcome, Pipeline};
+use crate::retry::Backoff;
+use crate::vendor::Vendors;
+
+/// Why the worker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The HTTP client for the vendors could not be built.
+    #[error("cannot build the vendor HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// The metrics endpoint could not be served.
+    #[error("cannot serve METRICS_ADDR {addr}: {source}; choose a free address")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// How a broker session ended.
+enum SessionEnd {
+    /// Shutdown was requested and in-flight jobs were settled.
+    Shutdown,
+    /// The connection or channel failed; reconnect.
+    Lost(BrokerError),
+}
+
+/// A running worker's shared parts.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    settings: Arc<Settings>,
+    pipeline: Arc<Pipeline>,
+    health: Arc<Health>,
+}
+
+impl Worker {
+    /// Builds the vendor clients, limiters and pipeline from the settings.
+    pub fn new(settings: Settings) -> Result<Self, WorkerError> {
+        let vendors = Vendors::from_settings(&settings)?;
+        let limiters = Arc::new(Limiters::new(
+            settings.mimecast.as_ref().and_then(|m| m.rate_limit),
+            settings.pncp.as_ref().and_then(|p| p.rate_limit),
+        ));
+        let circuits = Arc::new(Circuits::default());
+        let pipeline = Arc::new(Pipeline::new(
+            vendors,
+            limiters,
+            circuits.clone(),
+            Backoff::new(settings.retry),
+        ));
+        Ok(Self {
+            settings: Arc::new(settings),
+            pipeline,
+            health: Arc::new(Health::new(circuits)),
+        })
+    }
+
+    /// Health and readiness, for the HTTP endpoints and tests.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Consumes jobs until `shutdown` is cancelled, reconnecting whenever the
+    /// broker connection is lost. Returns once in-flight jobs are settled.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut reconnect = reconnect_backoff();
+        while !shutdown.is_cancelled() {
+            match self.session(&shutdown).await {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Lost(cause) => {
+                    self.health.set_consuming(false);
+                    self.health.count_reconnect();
+                    let wait = reconnect.next().unwrap_or(Duration::from_secs(30));
+                    error!(error = %cause, retry_in_ms = wait.as_millis() as u64, "broker session lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+            if self.health.is_consuming() {
+                reconnect = reconnect_backoff();
+            }
+        }
+        self.health.set_consuming(false);
+        info!("worker stopped");
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> SessionEnd {
+        let broker = &self.settings.broker;
+        let connection = match broker::connect(&broker.amqp_url, "account-worker").await {
+            Ok(connection) => connection,
+            Err(e) => return SessionEnd::Lost(e),
+        };
+        if let Err(e) = broker::declare(&connection, &broker.jobs_queue).await {
+            return SessionEnd::Lost(e);
+        }
+        let publisher = match Publisher::open(&connection, broker.jobs_queue.clone()).await {
+            Ok(p) => p,
+            Err(e) => return SessionEnd::Lost(e),
+        };
+        let consumer = async {
+            let channel = connection.create_channel().await?;
+            // Prefetch equals concurrency: the broker, not the backlog, bounds memory.
+            let prefetch = u16::try_from(broker.concurrency.get()).unwrap_or(u16::MAX);
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    broker.jobs_queue.jobs.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((channel, consumer))
+        };
+        let (channel, mut consumer) = match consumer.await {
+            Ok(pair) => pair,
+            Err(e) => return SessionEnd::Lost(e.into()),
+        };
+        info!(queue = %broker.jobs_queue.jobs, concurrency = broker.concurrency.get(), "consuming jobs");
+        self.health.set_consuming(true);
+
+        let stopping = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let end = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => {
+                        let worker = self.clone();
+                        let publisher = publisher.clone();
+                        let stopping = stopping.clone();
+                        tasks.spawn(async move { worker.handle(delivery, &publisher, &stopping).await });
+                    }
+                    Some(Err(e)) => break Some(BrokerError::Channel(e)),
+                    None => break Some(BrokerError::NotConfirmed {
+                        queue: broker.jobs_queue.jobs.clone(),
+                        reason: "the broker cancelled the consumer (queue deleted?)".to_owned(),
+                    }),
+                },
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = joined {
+                        error!(error = %e, "a job task failed");
+                    }
+                }
+            }
+        };
+        if let Some(cause) = end {
+            // Let in-flight jobs finish their vendor calls: their acks will fail and
+            // the broker redelivers them, but what they did is not cut in half.
+            tasks.detach_all();
+            return SessionEnd::Lost(cause);
+        }
+
+        info!(
+            in_flight = tasks.len(),
+            timeout_s = self.settings.shutdown_timeout.as_secs_f64(),
+            "stopping: no new jobs; waiting for in-flight ones"
+        );
+        self.health.set_consuming(false);
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        stopping.cancel();
+        let drained = tokio::time::timeout(self.settings.shutdown_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                unfinished = tasks.len(),
+                "shutdown timeout passed: handing unfinished jobs back to the broker"
+            );
+            tasks.abort_all();
+        }
+        // Closing the connection returns every unacked delivery to the queue.
+        let _ = connection.close(200, "worker stopping".into()).await;
+        SessionEnd::Shutdown
+    }
+
+    /// Runs one delivery through the pipeline, publishes what it produced, and
+    /// acks only once every publish is confirmed.
+    async fn handle(
+        &self,
+        delivery: Delivery,
+        publisher: &Publisher,
+        stopping: &CancellationToken,
+    ) {
+        self.health.job_started();
+        let outcome = self.pipeline.process(&delivery.data, stopping).await;
+        let settled = match outcome {
+            Outcome::HandBack => delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .map(|_| ()),
+            Outcome::Finished {
+                result,
+                dead_letter,
+            } => {
+                let publish_result = async {
+                    match &result {
+                        Some(result) => publisher.result(result).await,
+                        None => Ok(()),
+                    }
+                };
+                let publish_dead = async {
+                    match &dead_letter {
+                        Some(letter) => publisher.dead_letter(letter).await,
+                        None => Ok(()),
+                    }
+                };
+                match tokio::join!(publish_result, publish_dead) {
+                    (Ok(()), Ok(())) => delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map(|_| ()),
+                    (Err(e), _) | (_, Err(e)) => {
+                        // Not acked: the broker redelivers the job and its outcome is published again.
+                        error!(error = %e, job_id = result.as_ref().map(|r| r.job_id.as_str()), "job outcome not confirmed by the broker; the job stays unacked");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(e) = settled {
+            warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
+        }
+        self.health.job_finished();
+    }
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

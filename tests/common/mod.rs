@@ -1,0 +1,329 @@
+//! Shared test harness: a worker on randomised queue names against the real broker,
+//! a mock vendor on port 0, and helpers that await results instead of sleeping.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use account_worker::config::{QueueNames, Settings};
+use account_worker::job::JobResult;
+use account_worker::mock_vendor::{self, MockVendor, MockVendorConfig};
+use account_worker::worker::Worker;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for an event before it fails (generous: CI has 2 cores).
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The broker the tests use: `TEST_AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A unique jobs-queue name for one test.
+pub fn unique_queue(test: &str) -> String {
+    format!("test.{test}.{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The environment a test worker runs with, pointing at `mock`.
+pub fn worker_env(
+    queue: &str,
+    mock: &MockVendor,
+    ledger_dir: &std::path::Path,
+) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    let mut set = |k: &str, v: String| {
+        env.insert(k.to_owned(), v);
+    };
+    set("AMQP_URL", amqp_url());
+    set("JOBS_QUEUE", queue.to_owned());
+    set("WORKER_CONCURRENCY", "8".to_owned());
+    set("MIMECAST_BASE_URL", mock.base_url());
+    set(
+        "MIMECAST_ACCESS_KEY",
+        mock_vendor::DEMO_MIMECAST_ACCESS_KEY.to_owned(),
+    );
+    set(
+        "MIMECAST_SECRET_KEY",
+        mock_vendor::DEMO_MIMECAST_SECRET_KEY_B64.to_owned(),
+    );
+    set(
+        "MIMECAST_APP_ID",
+        mock_vendor::DEMO_MIMECAST_APP_ID.to_owned(),
+    );
+    set(
+        "MIMECAST_APP_KEY",
+        mock_vendor::DEMO_MIMECAST_APP_KEY.to_owned(),
+    );
+    set("PNCP_BASE_URL", mock.pncp_base_url());
+    set(
+        "PNCP_APPLICATION_KEY",
+        mock_vendor::DEMO_PNCP_APPLICATION_KEY.to_owned(),
+    );
+    set(
+        "PNCP_SHARED_SECRET",
+        mock_vendor::DEMO_PNCP_SHARED_SECRET.to_owned(),
+    );
+    set("RETRY_INITIAL_DELAY", "10ms".to_owned());
+    set("RETRY_MAX_DELAY", "100ms".to_owned());
+    set("RETRY_MAX_ATTEMPTS", "4".to_owned());
+    set("VENDOR_TIMEOUT", "10s".to_owned());
+    set("SHUTDOWN_TIMEOUT", "10s".to_owned());
+    set("METRICS_ADDR", "127.0.0.1:0".to_owned());
+    set(
+        "LEDGER_URL",
+        format!("file:{}", ledger_dir.join("ledger").display()),
+    );
+    env
+}
+
+/// Settings from an environment map, with nothing read from the real environment.
+pub fn settings_from(env: &HashMap<String, String>) -> Settings {
+    Settings::load_from(None, |k| env.get(k).cloned()).expect("test settings are valid")
+}
+
+/// A test's view of the broker: a confirm channel to publish jobs and consumers on
+/// the results and dead-letter queues.
+pub struct Queues {
+    pub names: QueueNames,
+    pub connection: Connection,
+    pub channel: Channel,
+    results: Consumer,
+    dead: Consumer,
+}
+
+impl Queues {
+    /// Declares the three queues for `jobs_queue` and starts consuming the outputs.
+    pub async fn open(jobs_queue: &str) -> Self {
+        let names = QueueNames::new(jobs_queue).expect("queue name");
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ must be running (scripts/ensure-services starts it)");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        for name in [&names.jobs, &names.results, &names.dead] {
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("declare");
+        }
+        let consume = |queue: String| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .expect("consume")
+            }
+        };
+        let results = consume(names.results.clone()).await;
+        let dead = consume(names.dead.clone()).await;
+        Self {
+            names,
+            connection,
+            channel,
+            results,
+            dead,
+        }
+    }
+
+    /// Publishes raw bytes to the jobs queue and waits for the broker's confirm.
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.names.jobs.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "broker refused a test job");
+    }
+
+    /// Publishes a JSON job.
+    pub async fn publish(&self, job: &Value) {
+        self.publish_raw(&serde_json::to_vec(job).expect("json"))
+            .await;
+    }
+
+    async fn next(consumer: &mut Consumer, what: &str) -> Delivery {
+        let delivery = tokio::time::timeout(EVENT_TIMEOUT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {EVENT_TIMEOUT:?}"))
+            .expect("consumer ended")
+            .expect("delivery");
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        delivery
+    }
+
+    /// The next result, with its AMQP properties.
+    pub async fn next_result_delivery(&mut self) -> Delivery {
+        Self::next(&mut self.results, "result").await
+    }
+
+    /// The next result, parsed.
+    pub async fn next_result(&mut self) -> JobResult {
+        let delivery = self.next_result_delivery().await;
+        serde_json::from_slice(&delivery.data).expect("results are JobResult JSON")
+    }
+
+    /// The next `n` results keyed by job id.
+    pub async fn results_by_job(&mut self, n: usize) -> HashMap<String, JobResult> {
+        let mut results = HashMap::new();
+        for _ in 0..n {
+            let result = self.next_result().await;
+            results.insert(result.job_id.clone(), result);
+        }
+        results
+    }
+
+    /// The next dead letter.
+    pub async fn next_dead_letter(&mut self) -> DeadLetter {
+        let delivery = Self::next(&mut self.dead, "dead letter").await;
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let header = |name: &str| account_worker::cli::inspect::header(&headers, name);
+        DeadLetter {
+            code: header("x-error-code").unwrap_or_default(),
+            message: header("x-error-message").unwrap_or_default(),
+            attempts: header("x-attempts"),
+            job_id: header("x-job-id"),
+            body: delivery.data,
+        }
+    }
+
+    /// Messages waiting in a queue right now (a passive declare).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let queue = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        queue.message_count()
+    }
+
+    /// Deletes the test's queues.
+    pub async fn delete(self) {
+        for name in [&self.names.jobs, &self.names.results, &self.names.dead] {
+            let _ = self
+                .channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// A dead letter as a test reads it.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub code: String,
+    pub message: String,
+    pub attempts: Option<String>,
+    pub job_id: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl DeadLetter {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("dead letter body is JSON")
+    }
+}
+
+/// A worker running in this process against the mock vendor, plus the test's queues.
+pub struct TestApp {
+    pub mock: MockVendor,
+    pub queues: Queues,
+    pub env: HashMap<String, String>,
+    pub ledger_dir: tempfile::TempDir,
+    stop: CancellationToken,
+    worker: JoinHandle<()>,
+}
+
+impl TestApp {
+    /// Starts a mock vendor and a worker on fresh queues.
+    pub async fn spawn(test: &str) -> Self {
+        Self::spawn_with(test, |_| {}).await
+    }
+
+    /// As [`TestApp::spawn`], letting the test adjust the worker's environment.
+    pub async fn spawn_with(test: &str, adjust: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        let mock = MockVendor::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            MockVendorConfig::demo(),
+        )
+        .await
+        .expect("mock vendor starts");
+        let ledger_dir = tempfile::tempdir().expect("tempdir");
+        let queue = unique_queue(test);
+        let mut env = worker_env(&queue, &mock, ledger_dir.path());
+        adjust(&mut env);
+        let queues = Queues::open(&queue).await;
+        let (stop, worker) = start_worker(&env);
+        Self {
+            mock,
+            queues,
+            env,
+            ledger_dir,
+            stop,
+            worker,
+        }
+    }
+
+    /// Stops the worker gracefully and deletes the queues.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(EVENT_TIMEOUT, self.worker).await;
+        self.queues.delete().await;
+        self.mock.shutdown();
+    }
+}
+
+/// Runs a worker in this process with `env`; returns its stop token and task.
+pub fn start_worker(env: &HashMap<String, String>) -> (CancellationToken, JoinHandle<()>) {
+    let worker = Worker::new(settings_from(env)).expect("worker builds");
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let handle = tokio::spawn(async move { worker.run(token).await });
+    (stop, handle)
+}
