@@ -1,0 +1,121 @@
+//! The binary as an operator runs it: bad configuration, and a crash between the
+//! vendor call and the ack.
+
+mod common;
+
+use std::process::Stdio;
+
+use account_worker::job::JobStatus;
+use account_worker::mock_vendor::{Fault, MockVendor, MockVendorConfig, Vendor};
+use common::{Queues, EVENT_TIMEOUT};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_account-worker");
+
+fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new(BIN);
+    command
+        .arg("check")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in vars {
+        command.env(k, v);
+    }
+    command.output().expect("binary runs")
+}
+
+#[test]
+fn bad_configuration_exits_non_zero_with_one_line_naming_the_setting() {
+    let mimecast = [
+        ("MIMECAST_BASE_URL", "http://127.0.0.1:1"),
+        ("MIMECAST_ACCESS_KEY", "a"),
+        ("MIMECAST_APP_ID", "b"),
+        ("MIMECAST_APP_KEY", "c"),
+    ];
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("AMQP_URL", "amqp://[broken")], "AMQP_URL"),
+        (
+            vec![("MIMECAST_RATE_LIMIT", "20/parsec")],
+            "MIMECAST_RATE_LIMIT",
+        ),
+        (vec![("WORKER_CONCURRENCY", "0")], "WORKER_CONCURRENCY"),
+        (
+            mimecast
+                .iter()
+                .copied()
+                .chain([("MIMECAST_SECRET_KEY", "not*base64!")])
+                .collect(),
+            "MIMECAST_SECRET_KEY",
+        ),
+        (vec![("RETRY_MAX_DELAY", "forever")], "RETRY_MAX_DELAY"),
+    ];
+    for (vars, setting) in cases {
+        let output = run_with(&vars);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{setting}: should fail");
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{setting}: one line, got {stderr}"
+        );
+        assert!(stderr.contains(setting), "{setting} not named in: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!stderr.contains("not*base64!"), "a secret leaked: {stderr}");
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let output = std::process::Command::new(BIN)
+        .args(["--config", "/nonexistent/worker.toml", "check"])
+        .output()
+        .expect("binary runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/worker.toml"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_not_acked_before_its_result_is_published() {
+    let mock = MockVendor::start("127.0.0.1:0".parse().unwrap(), MockVendorConfig::demo())
+        .await
+        .unwrap();
+    let ledger = tempfile::tempdir().unwrap();
+    let queue = common::unique_queue("crash");
+    let env = common::worker_env(&queue, &mock, ledger.path());
+    let mut queues = Queues::open(&queue).await;
+
+    // The vendor holds the call long enough for the worker to be killed mid-job.
+    mock.push_fault(Vendor::Mimecast, Fault::Delay { ms: 120_000 });
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("run")
+        .envs(&env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    queues
+        .publish(&json!({"jobId": "crash-1", "vendor": "mimecast", "data": [{"accountCode": "CRASH", "products": [1, 2]}]}))
+        .await;
+    tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_requests(1))
+        .await
+        .expect("the worker called the vendor");
+    child.kill().await.unwrap();
+
+    assert_eq!(
+        queues.depth(&queues.names.results).await,
+        0,
+        "no result was published"
+    );
+
+    // A new worker gets the job back from the broker and finishes it.
+    let (stop, worker) = common::start_worker(&env);
+    let result = queues.next_result().await;
+    assert_eq!(result.job_id, "crash-1");
+    assert_eq!(result.status, JobStatus::Succeeded);
+    assert_eq!(mock.mimecast_account("CRASH").unwrap().products, vec![1, 2]);
+    assert!(mock.requests().len() >= 2, "the job was delivered again");
+    stop.cancel();
+    let _ = worker.await;
+    queues.delete().await;
+}
