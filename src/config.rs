@@ -68,6 +68,7 @@ struct RawSettings {
     vendor_timeout: String,
     ledger_url: String,
     ledger_retention: String,
+    ledger_lease: String,
     metrics_addr: String,
     shutdown_timeout: String,
     max_deliveries: String,
@@ -100,6 +101,7 @@ const KEYS: &[&str] = &[
     "vendor_timeout",
     "ledger_url",
     "ledger_retention",
+    "ledger_lease",
     "metrics_addr",
     "shutdown_timeout",
     "max_deliveries",
@@ -281,6 +283,9 @@ pub struct LedgerSettings {
     pub location: LedgerLocation,
     /// How long finished entries are kept.
     pub retention: Duration,
+    /// How long a worker's claim on a job holds without renewal; a crashed
+    /// worker's jobs wait this long before another worker resumes them.
+    pub lease: Duration,
 }
 
 /// Log output format.
@@ -380,6 +385,7 @@ impl Settings {
             ledger: LedgerSettings {
                 location: parse_ledger_url(&raw.ledger_url)?,
                 retention: parse_positive_duration("LEDGER_RETENTION", &raw.ledger_retention)?,
+                lease: parse_positive_duration("LEDGER_LEASE", &raw.ledger_lease)?,
             },
             metrics_addr: raw.metrics_addr.trim().parse().map_err(|_| {
                 invalid(

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod job;
+pub mod ledger;
 pub mod limiter;
 pub mod metrics;
 pub mod mock_vendor;

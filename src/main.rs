@@ -23,7 +23,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => {
             let stop = shutdown::on_signal();
-            let worker = Worker::new(settings.clone())?;
+            let worker = Worker::new(settings.clone()).await?;
             let listener = metrics::bind(settings.metrics_addr)
                 .await
                 .with_context(|| {

@@ -19,8 +19,9 @@ use crate::broker::{self, BrokerError, Publisher};
 use crate::circuit::Circuits;
 use crate::config::Settings;
 use crate::health::Health;
+use crate::ledger::{Ledger, LedgerError};
 use crate::limiter::Limiters;
-use crate::pipeline::{Outcome, Pipeline};
+use crate::pipeline::{LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
@@ -30,6 +31,9 @@ pub enum WorkerError {
     /// The HTTP client for the vendors could not be built.
     #[error("cannot build the vendor HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    /// The idempotency ledger could not be opened.
+    #[error("cannot open the idempotency ledger: {0}")]
+    Ledger(#[from] LedgerError),
     /// The metrics endpoint could not be served.
     #[error("cannot serve METRICS_ADDR {addr}: {source}; choose a free address")]
     Metrics {
@@ -57,19 +61,25 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Builds the vendor clients, limiters and pipeline from the settings.
-    pub fn new(settings: Settings) -> Result<Self, WorkerError> {
+    /// Builds the vendor clients, limiters, ledger and pipeline from the settings.
+    pub async fn new(settings: Settings) -> Result<Self, WorkerError> {
         let vendors = Vendors::from_settings(&settings)?;
         let limiters = Arc::new(Limiters::new(
             settings.mimecast.as_ref().and_then(|m| m.rate_limit),
             settings.pncp.as_ref().and_then(|p| p.rate_limit),
         ));
         let circuits = Arc::new(Circuits::default());
+        let ledger = Ledger::open(&settings.ledger).await?;
         let pipeline = Arc::new(Pipeline::new(
             vendors,
             limiters,
             circuits.clone(),
             Backoff::new(settings.retry),
+            ledger,
+            LedgerPolicy {
+                lease: settings.ledger.lease,
+                max_deliveries: settings.broker.max_deliveries.get(),
+            },
         ));
         Ok(Self {
             settings: Arc::new(settings),

@@ -109,7 +109,7 @@ async fn a_job_is_not_acked_before_its_result_is_published() {
     );
 
     // A new worker gets the job back from the broker and finishes it.
-    let (stop, worker) = common::start_worker(&env);
+    let (stop, worker) = common::start_worker(&env).await;
     let result = queues.next_result().await;
     assert_eq!(result.job_id, "crash-1");
     assert_eq!(result.status, JobStatus::Succeeded);

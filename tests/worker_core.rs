@@ -127,7 +127,7 @@ async fn malformed_inputs_are_dead_lettered_and_the_jobs_behind_them_still_succe
     for (body, _) in &whole_messages {
         app.queues.publish_raw(body).await;
     }
-    let bad_items = vec![
+    let bad_items = [
         (json!({"numberOfUsers": 1}), "err_validation_accountCode"),
         (
             json!({"accountCode": "B".repeat(5000)}),

@@ -4,16 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
-use crate::circuit::{Circuits, Pass};
-use crate::job::{self, FailEntry, Item, ItemError, JobResult, JobStatus, Malformed, ResultMeta};
+use crate::circuit::Circuits;
+use crate::job::{FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, ResultMeta};
+use crate::ledger::{Claim, Finished, Ledger, Progress, StoredDeadLetter};
 use crate::limiter::Limiters;
-use crate::retry::{self, Backoff, Decision};
-use crate::vendor::{ItemOutcome, VendorClient, VendorError, Vendors};
+use crate::retry::Backoff;
+use crate::vendor::Vendors;
 
+mod attempts;
 mod state;
 
 use state::JobState;
@@ -49,6 +50,19 @@ pub enum Outcome {
     HandBack,
 }
 
+/// The worker is stopping and this job has not touched the vendor: hand it back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stop;
+
+/// How the pipeline treats the ledger and repeated deliveries.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerPolicy {
+    /// How long a delivery's claim on a job holds without renewal.
+    pub lease: Duration,
+    /// Deliveries of one job before it is dead-lettered as poison.
+    pub max_deliveries: u32,
+}
+
 /// Everything a job needs, shared by all jobs of the process.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -56,211 +70,174 @@ pub struct Pipeline {
     limiters: Arc<Limiters>,
     circuits: Arc<Circuits>,
     backoff: Backoff,
+    ledger: Ledger,
+    policy: LedgerPolicy,
 }
 
 impl Pipeline {
-    /// A pipeline over the configured vendors and limits.
+    /// A pipeline over the configured vendors, limits and ledger.
     pub fn new(
         vendors: Vendors,
         limiters: Arc<Limiters>,
         circuits: Arc<Circuits>,
         backoff: Backoff,
+        ledger: Ledger,
+        policy: LedgerPolicy,
     ) -> Self {
         Self {
             vendors,
             limiters,
             circuits,
             backoff,
+            ledger,
+            policy,
         }
-    }
-
-    /// The circuits, for readiness reports.
-    pub fn circuits(&self) -> &Arc<Circuits> {
-        &self.circuits
     }
 
     /// Processes one message body. `stopping` is cancelled when the worker shuts
     /// down: a job that has not yet touched the vendor is then handed back.
     pub async fn process(&self, body: &[u8], stopping: &CancellationToken) -> Outcome {
-        match job::parse(body) {
+        match crate::job::parse(body) {
             Err(malformed) => malformed_outcome(body, malformed),
             Ok(job) => {
                 let span = tracing::info_span!("job", job_id = %job.id, vendor = %job.vendor, attempt = tracing::field::Empty);
-                self.run(JobState::new(job), stopping)
-                    .instrument(span)
-                    .await
+                self.process_job(job, stopping).instrument(span).await
             }
         }
     }
 
-    async fn run(&self, mut state: JobState, stopping: &CancellationToken) -> Outcome {
-        let vendor = state.job.vendor;
-        let Some(client) = self.vendors.get(vendor) else {
+    async fn process_job(&self, job: Job, stopping: &CancellationToken) -> Outcome {
+        let owner = uuid::Uuid::new_v4().to_string();
+        let (progress, deliveries) = match self.claim(&job, &owner, stopping).await {
+            Err(Stop) => return Outcome::HandBack,
+            Ok(Err(finished)) => {
+                info!("already finished: publishing its stored outcome again without calling the vendor");
+                let dead_letter = finished
+                    .dead_letter
+                    .as_ref()
+                    .map(|d| d.to_letter(&finished.result.job_id));
+                return Outcome::Finished {
+                    result: Some(finished.result),
+                    dead_letter,
+                };
+            }
+            Ok(Ok(owned)) => owned,
+        };
+        let resumed = !progress.in_flight.is_empty() || progress.attempts > 0;
+        let mut state = JobState::resume(job, progress);
+        if resumed {
+            warn!(
+                deliveries,
+                "resuming a job whose earlier delivery was interrupted"
+            );
+        }
+        let renewal = self.keep_lease(&state.job, &owner);
+        let outcome = if deliveries > self.policy.max_deliveries {
+            warn!(
+                deliveries,
+                "poison message: delivered too often without finishing"
+            );
             state.fail_all_pending(&ItemError::permanent(
-                "err_vendor_not_configured",
+                "err_poison_message",
                 format!(
-                    "{vendor} is not configured on this worker; set {}_BASE_URL and its credentials",
-                    vendor.as_str().to_ascii_uppercase()
+                    "delivered {deliveries} times without finishing (MAX_DELIVERIES is {}); inspect the worker logs for this jobId",
+                    self.policy.max_deliveries
                 ),
             ));
-            return finished(&state);
-        };
-        let mut touched_vendor = false;
-        while !state.is_done() {
-            let pass = tokio::select! {
-                pass = self.circuits.get(vendor).pass() => pass,
-                _ = stopping.cancelled(), if !touched_vendor => return Outcome::HandBack,
-            };
-            state.attempts += 1;
-            tracing::Span::current().record("attempt", state.attempts);
-            let round = self.send_round(client, &mut state).await;
-            touched_vendor |= round.touched_vendor;
-            match round.vendor_wide {
-                Some(error) => {
-                    // Not the job's fault and nothing was executed: this round does
-                    // not count against the job's attempts.
-                    state.attempts -= 1;
-                    if self.circuits.get(vendor).trip(error.to_string()) || pass == Pass::Probe {
-                        warn!(%vendor, error = %error, "vendor-wide failure: holding {vendor} jobs and probing with backoff");
-                    }
-                    continue;
-                }
+            Ok(())
+        } else {
+            match self.vendors.get(state.job.vendor) {
+                Some(client) => self.attempt_all(client, &mut state, &owner, stopping).await,
                 None => {
-                    if self.circuits.get(vendor).succeed() {
-                        info!(%vendor, "vendor answers again: resuming {vendor} jobs");
-                    }
+                    let vendor = state.job.vendor;
+                    state.fail_all_pending(&ItemError::permanent(
+                        "err_vendor_not_configured",
+                        format!(
+                            "{vendor} is not configured on this worker; set {}_BASE_URL and its credentials",
+                            vendor.as_str().to_ascii_uppercase()
+                        ),
+                    ));
+                    Ok(())
                 }
             }
-            if state.is_done() {
-                break;
+        };
+        renewal.abort();
+        if let Err(Stop) = outcome {
+            // Release the lease so the next delivery need not wait for it to lapse.
+            let _ = self
+                .ledger
+                .renew(&state.job.id, &owner, Duration::ZERO)
+                .await;
+            return Outcome::HandBack;
+        }
+        let outcome = finished(&state);
+        if let Outcome::Finished {
+            result: Some(result),
+            dead_letter,
+        } = &outcome
+        {
+            let stored = Finished {
+                result: result.clone(),
+                dead_letter: dead_letter.as_ref().map(StoredDeadLetter::from_letter),
+            };
+            if let Err(e) = self.ledger.finish(&state.job.id, &stored).await {
+                // The checkpoints still hold every item's outcome, so a redelivery
+                // rebuilds the same result without calling the vendor again.
+                error!(error = %e, "cannot store the job's outcome in the ledger");
             }
-            if state.attempts >= self.backoff.max_attempts() {
-                let last = round.last_error.unwrap_or_else(|| "no detail".to_owned());
-                state.fail_all_pending(&ItemError::permanent(
-                    "err_retries_exhausted",
-                    format!(
-                        "gave up after {} attempts; last error: {last}",
-                        state.attempts
-                    ),
-                ));
-                break;
+        }
+        outcome
+    }
+
+    /// Takes the job's lease, waiting while another delivery holds it: the progress
+    /// to resume from and the delivery count, or the finished job's stored outcome.
+    async fn claim(
+        &self,
+        job: &Job,
+        owner: &str,
+        stopping: &CancellationToken,
+    ) -> Result<Result<(Progress, u32), Box<Finished>>, Stop> {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.ledger.claim(&job.id, owner, self.policy.lease).await {
+                Ok(Claim::Busy) => {
+                    debug!("another delivery of this job is in progress; waiting for its outcome");
+                }
+                Ok(Claim::Owned {
+                    progress,
+                    deliveries,
+                }) => return Ok(Ok((progress, deliveries))),
+                Ok(Claim::Done(finished)) => return Ok(Err(finished)),
+                Err(e) => error!(error = %e, "ledger unavailable; the job waits"),
             }
-            let wait = self
-                .backoff
-                .delay(state.attempts)
-                .max(round.not_before.unwrap_or_default());
-            debug!(wait_ms = wait.as_millis() as u64, "retrying pending items");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stopping.cancelled(), if !touched_vendor => return Outcome::HandBack,
+                _ = stopping.cancelled() => return Err(Stop),
             }
+            wait = (wait * 2).min(Duration::from_secs(2));
         }
-        finished(&state)
     }
 
-    /// Sends every pending item once, in calls of at most the vendor's size, and
-    /// records what happened to each.
-    async fn send_round(&self, client: &VendorClient, state: &mut JobState) -> Round {
-        let limiter = self.limiters.get(client.kind());
-        let pending: Vec<Item> = state.pending_items().into_iter().cloned().collect();
-        let calls = pending
-            .chunks(client.max_items_per_call())
-            .map(|chunk| async move {
-                limiter.acquire().await;
-                let refs: Vec<&Item> = chunk.iter().collect();
-                (chunk, client.send(&refs).await)
-            });
-        let mut round = Round::default();
-        for (chunk, result) in join_all(calls).await {
-            match result {
-                Ok(report) => {
-                    round.touched_vendor = true;
-                    state.last_http_status = Some(report.http_status);
-                    for (item, outcome) in chunk.iter().zip(report.outcomes) {
-                        apply_item_outcome(state, item, outcome, &mut round);
+    /// Renews the lease in the background for as long as the job runs.
+    fn keep_lease(&self, job: &Job, owner: &str) -> tokio::task::JoinHandle<()> {
+        let ledger = self.ledger.clone();
+        let job_id = job.id.clone();
+        let owner = owner.to_owned();
+        let lease = self.policy.lease;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match ledger.renew(&job_id, &owner, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(job_id = %job_id, "lost the job's lease to another delivery")
                     }
-                }
-                Err(error) => self.apply_call_error(client, state, chunk, error, &mut round),
-            }
-        }
-        round
-    }
-
-    fn apply_call_error(
-        &self,
-        client: &VendorClient,
-        state: &mut JobState,
-        chunk: &[Item],
-        error: VendorError,
-        round: &mut Round,
-    ) {
-        debug!(error = %error, items = chunk.len(), "vendor call failed");
-        round.last_error = Some(error.to_string());
-        if let VendorError::Http { status, .. } | VendorError::Credentials { status, .. } = &error {
-            state.last_http_status = Some(*status);
-        }
-        match retry::classify(&error) {
-            Decision::Retry { not_before } => {
-                if let (VendorError::Throttled { .. }, Some(wait)) = (&error, not_before) {
-                    self.limiters.get(client.kind()).pause_for(wait);
-                }
-                round.not_before = round.not_before.max(not_before);
-            }
-            Decision::OutcomeUnknown => {
-                round.touched_vendor = true;
-                for item in chunk.iter().filter(|item| item.is_additive()) {
-                    state.fail(
-                        item.index,
-                        vec![ItemError::permanent(
-                            "err_outcome_unknown",
-                            format!(
-                                "the call may have been applied ({error}); numberOfUsers is additive, so it is not resent: reconcile the account before replaying"
-                            ),
-                        )],
-                    );
+                    Err(e) => warn!(job_id = %job_id, error = %e, "cannot renew the job's lease"),
                 }
             }
-            Decision::Permanent(item_error) => {
-                round.touched_vendor = true;
-                for item in chunk {
-                    state.fail(item.index, vec![item_error.clone()]);
-                }
-            }
-            Decision::VendorWide => round.vendor_wide = Some(error),
-        }
-    }
-}
-
-/// What one round of calls left behind.
-#[derive(Debug, Default)]
-struct Round {
-    /// A call reached the vendor (its effect may exist).
-    touched_vendor: bool,
-    /// The vendor's own wait before the next attempt.
-    not_before: Option<Duration>,
-    /// The round hit a vendor-wide failure.
-    vendor_wide: Option<VendorError>,
-    /// The last error seen, for `err_retries_exhausted`.
-    last_error: Option<String>,
-}
-
-fn apply_item_outcome(state: &mut JobState, item: &Item, outcome: ItemOutcome, round: &mut Round) {
-    match outcome {
-        ItemOutcome::Applied(data) => state.succeed(item.index, data),
-        ItemOutcome::Failed(errors) if errors.iter().any(|e| e.retryable) => {
-            round.last_error = errors.first().map(|e| format!("{}: {}", e.code, e.message));
-        }
-        ItemOutcome::Failed(errors) => state.fail(item.index, errors),
-        ItemOutcome::Unaccounted if item.is_additive() => state.fail(
-            item.index,
-            vec![ItemError::permanent(
-                "err_outcome_unknown",
-                "the vendor's response did not mention this item; numberOfUsers is additive, so it is not resent",
-            )],
-        ),
-        ItemOutcome::Unaccounted => {
-            round.last_error = Some("the vendor's response did not mention the item".to_owned());
-        }
+        })
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::job::{FailEntry, Item, ItemError, Job, JobResult, JobStatus, ResultMeta};
+use crate::ledger::Progress;
 
 /// Item by item progress; turned into the job's result when nothing is pending.
 #[derive(Debug, Clone)]
@@ -29,6 +30,59 @@ impl JobState {
             pending,
             attempts: 0,
             last_http_status: None,
+        }
+    }
+
+    /// Rebuilds the state an interrupted delivery left in the ledger. An additive
+    /// item whose call was in flight may have been applied: it is reported as an
+    /// unknown outcome instead of being sent again.
+    pub(crate) fn resume(job: Job, progress: Progress) -> Self {
+        let mut state = Self::new(job);
+        state.attempts = progress.attempts;
+        state.last_http_status = progress.last_http_status;
+        for (index, data) in progress.succeeded {
+            state.succeed(index, data);
+        }
+        for (index, entry) in progress.failed {
+            if state.take_pending(index).is_some() {
+                state.failed.insert(index, entry);
+            }
+        }
+        let unknown: Vec<usize> = progress
+            .in_flight
+            .iter()
+            .copied()
+            .filter(|&index| {
+                state
+                    .position(index)
+                    .is_some_and(|p| state.job.items[p].is_additive())
+            })
+            .collect();
+        for index in unknown {
+            state.fail(
+                index,
+                vec![ItemError::permanent(
+                    "err_outcome_unknown",
+                    "an earlier delivery of this job was interrupted while this item's call was in flight; numberOfUsers is additive, so it is not resent: reconcile the account before replaying",
+                )],
+            );
+        }
+        state
+    }
+
+    /// The progress to checkpoint, with `in_flight` the items about to be sent.
+    pub(crate) fn progress(&self, in_flight: &[&Item]) -> Progress {
+        Progress {
+            succeeded: self.succeeded.clone(),
+            failed: self
+                .failed
+                .iter()
+                .filter(|(index, _)| !self.job.rejected.iter().any(|(r, _)| r == *index))
+                .map(|(index, entry)| (*index, entry.clone()))
+                .collect(),
+            in_flight: in_flight.iter().map(|item| item.index).collect(),
+            attempts: self.attempts,
+            last_http_status: self.last_http_status,
         }
     }
 

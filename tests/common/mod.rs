@@ -79,6 +79,7 @@ pub fn worker_env(
     set("RETRY_MAX_ATTEMPTS", "4".to_owned());
     set("VENDOR_TIMEOUT", "10s".to_owned());
     set("SHUTDOWN_TIMEOUT", "10s".to_owned());
+    set("LEDGER_LEASE", "3s".to_owned());
     set("METRICS_ADDR", "127.0.0.1:0".to_owned());
     set(
         "LEDGER_URL",
@@ -299,7 +300,7 @@ impl TestApp {
         let mut env = worker_env(&queue, &mock, ledger_dir.path());
         adjust(&mut env);
         let queues = Queues::open(&queue).await;
-        let (stop, worker) = start_worker(&env);
+        let (stop, worker) = start_worker(&env).await;
         Self {
             mock,
             queues,
@@ -320,8 +321,10 @@ impl TestApp {
 }
 
 /// Runs a worker in this process with `env`; returns its stop token and task.
-pub fn start_worker(env: &HashMap<String, String>) -> (CancellationToken, JoinHandle<()>) {
-    let worker = Worker::new(settings_from(env)).expect("worker builds");
+pub async fn start_worker(env: &HashMap<String, String>) -> (CancellationToken, JoinHandle<()>) {
+    let worker = Worker::new(settings_from(env))
+        .await
+        .expect("worker builds");
     let stop = CancellationToken::new();
     let token = stop.clone();
     let handle = tokio::spawn(async move { worker.run(token).await });

@@ -1,0 +1,300 @@
+//! The idempotency ledger: who is processing a job, what its items' progress is,
+//! and its final outcome, keyed by `jobId`.
+//!
+//! It is what keeps a change from being applied twice when the same job arrives
+//! again (producer retry, broker redelivery, a crash between confirm and ack): a
+//! finished job's stored outcome is republished, a job another delivery holds is
+//! waited for, and a job whose processing was interrupted resumes from its last
+//! checkpoint with every in-flight additive item reported as an unknown outcome.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{LedgerLocation, LedgerSettings};
+use crate::job::{FailEntry, JobId, JobResult};
+use crate::pipeline::DeadLetter;
+
+mod file;
+mod redis;
+
+pub use file::FileLedger;
+pub use redis::RedisLedger;
+
+/// A ledger operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The embedded store could not be opened or written.
+    #[error("embedded ledger at {path}: {reason}")]
+    File {
+        /// The store's path.
+        path: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
+    /// Redis could not be reached or refused a command.
+    #[error("redis ledger: {0}; check LEDGER_URL and that Redis is running")]
+    Redis(String),
+    /// A stored entry could not be read back.
+    #[error("ledger entry for job {job_id} is unreadable: {reason}")]
+    Corrupt {
+        /// The job.
+        job_id: String,
+        /// The decoding error.
+        reason: String,
+    },
+}
+
+/// Item-by-item progress of a job, checkpointed around every vendor call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Item index -> the vendor's data element.
+    pub succeeded: BTreeMap<usize, Value>,
+    /// Item index -> the failure.
+    pub failed: BTreeMap<usize, FailEntry>,
+    /// Item indices sent in a call whose outcome is not recorded yet.
+    pub in_flight: Vec<usize>,
+    /// Vendor attempts made so far.
+    pub attempts: u32,
+    /// Last vendor HTTP status.
+    pub last_http_status: Option<u16>,
+}
+
+/// The stored outcome of a finished job: published again, byte for byte the same,
+/// whenever the job is delivered again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    /// The job's result.
+    pub result: JobResult,
+    /// The dead letter of its failed items, if any.
+    pub dead_letter: Option<StoredDeadLetter>,
+}
+
+/// A dead letter as stored in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredDeadLetter {
+    /// The dead letter's body as JSON text.
+    pub body: String,
+    /// `x-error-code`.
+    pub error_code: String,
+    /// `x-error-message`.
+    pub error_message: String,
+    /// `x-attempts`.
+    pub attempts: u32,
+}
+
+impl StoredDeadLetter {
+    /// Stores a dead letter (its body is the JSON the pipeline built).
+    pub fn from_letter(letter: &DeadLetter) -> Self {
+        Self {
+            body: String::from_utf8_lossy(&letter.body).into_owned(),
+            error_code: letter.error_code.clone(),
+            error_message: letter.error_message.clone(),
+            attempts: letter.attempts,
+        }
+    }
+
+    /// The dead letter to publish again.
+    pub fn to_letter(&self, job_id: &str) -> DeadLetter {
+        DeadLetter {
+            body: self.body.clone().into_bytes(),
+            error_code: self.error_code.clone(),
+            error_message: self.error_message.clone(),
+            attempts: self.attempts,
+            job_id: Some(job_id.to_owned()),
+        }
+    }
+}
+
+/// One job's entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The delivery holding the lease.
+    pub owner: String,
+    /// Unix milliseconds until which the lease holds.
+    pub lease_until_ms: u64,
+    /// Deliveries that took the lease, this one included.
+    pub deliveries: u32,
+    /// Progress so far.
+    pub progress: Progress,
+    /// Set once the job is finished.
+    pub finished: Option<Finished>,
+}
+
+/// What a delivery may do with its job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// This delivery holds the lease; resume from `progress` (empty for a new job).
+    Owned {
+        /// Progress left by an interrupted delivery, if any.
+        progress: Progress,
+        /// Deliveries that took the lease, this one included.
+        deliveries: u32,
+    },
+    /// The job is finished: publish this again.
+    Done(Box<Finished>),
+    /// Another delivery holds a live lease: wait for its outcome.
+    Busy,
+}
+
+/// Decides a claim from the current entry; returns the entry to store, if it changes.
+/// Shared by both backends so they cannot disagree.
+pub fn decide_claim(
+    current: Option<Entry>,
+    owner: &str,
+    now_ms: u64,
+    lease: Duration,
+) -> (Claim, Option<Entry>) {
+    let lease_until_ms = now_ms + lease.as_millis() as u64;
+    match current {
+        None => (
+            Claim::Owned {
+                progress: Progress::default(),
+                deliveries: 1,
+            },
+            Some(Entry {
+                owner: owner.to_owned(),
+                lease_until_ms,
+                deliveries: 1,
+                progress: Progress::default(),
+                finished: None,
+            }),
+        ),
+        Some(Entry {
+            finished: Some(finished),
+            ..
+        }) => (Claim::Done(Box::new(finished)), None),
+        Some(entry) if entry.owner != owner && entry.lease_until_ms > now_ms => (Claim::Busy, None),
+        Some(mut entry) => {
+            entry.deliveries = entry.deliveries.saturating_add(1);
+            entry.owner = owner.to_owned();
+            entry.lease_until_ms = lease_until_ms;
+            (
+                Claim::Owned {
+                    progress: entry.progress.clone(),
+                    deliveries: entry.deliveries,
+                },
+                Some(entry),
+            )
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The configured backend.
+#[derive(Debug, Clone)]
+pub enum Ledger {
+    /// Embedded store for a single worker.
+    File(FileLedger),
+    /// Redis, shared by a fleet.
+    Redis(RedisLedger),
+}
+
+impl Ledger {
+    /// Opens the backend `LEDGER_URL` names.
+    pub async fn open(settings: &LedgerSettings) -> Result<Self, LedgerError> {
+        Ok(match &settings.location {
+            LedgerLocation::File(path) => Self::File(FileLedger::open(path, settings.retention)?),
+            LedgerLocation::Redis(url) => {
+                Self::Redis(RedisLedger::open(url, settings.retention).await?)
+            }
+        })
+    }
+
+    /// Takes the job's lease, or reports that it is finished or held elsewhere.
+    pub async fn claim(
+        &self,
+        job: &JobId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Claim, LedgerError> {
+        match self {
+            Self::File(l) => l.claim(job, owner, lease).await,
+            Self::Redis(l) => l.claim(job, owner, lease).await,
+        }
+    }
+
+    /// Extends the lease while the job runs; false when another delivery took it.
+    pub async fn renew(
+        &self,
+        job: &JobId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, LedgerError> {
+        match self {
+            Self::File(l) => l.renew(job, owner, lease).await,
+            Self::Redis(l) => l.renew(job, owner, lease).await,
+        }
+    }
+
+    /// Records progress (before a call: what is in flight; after: what happened).
+    pub async fn checkpoint(
+        &self,
+        job: &JobId,
+        owner: &str,
+        progress: &Progress,
+    ) -> Result<(), LedgerError> {
+        match self {
+            Self::File(l) => l.checkpoint(job, owner, progress).await,
+            Self::Redis(l) => l.checkpoint(job, owner, progress).await,
+        }
+    }
+
+    /// Stores the final outcome; it is kept for the retention period.
+    pub async fn finish(&self, job: &JobId, finished: &Finished) -> Result<(), LedgerError> {
+        match self {
+            Self::File(l) => l.finish(job, finished).await,
+            Self::Redis(l) => l.finish(job, finished).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_new_job_is_owned_by_its_first_delivery() {
+        let (claim, entry) = decide_claim(None, "a", 1_000, LEASE);
+        assert_eq!(
+            claim,
+            Claim::Owned {
+                progress: Progress::default(),
+                deliveries: 1
+            }
+        );
+        assert_eq!(entry.unwrap().lease_until_ms, 31_000);
+    }
+
+    #[test]
+    fn a_live_lease_of_another_delivery_is_busy_and_an_expired_one_resumes() {
+        let (_, entry) = decide_claim(None, "a", 1_000, LEASE);
+        let mut entry = entry.unwrap();
+        entry.progress.in_flight = vec![0];
+        let (claim, write) = decide_claim(Some(entry.clone()), "b", 2_000, LEASE);
+        assert_eq!(claim, Claim::Busy);
+        assert!(write.is_none());
+        let (claim, write) = decide_claim(Some(entry), "b", 40_000, LEASE);
+        let Claim::Owned {
+            progress,
+            deliveries,
+        } = claim
+        else {
+            panic!("expected the lease")
+        };
+        assert_eq!(progress.in_flight, vec![0]);
+        assert_eq!(deliveries, 2);
+        assert_eq!(write.unwrap().owner, "b");
+    }
+}

@@ -1,0 +1,169 @@
+//! Redis ledger, shared by every worker of a fleet.
+//!
+//! Each job is one key holding its JSON entry. Every change is a compare-and-set:
+//! read the entry, decide in Rust (the same [`decide_claim`] as the file backend),
+//! and write only if the entry is still what was read, so two workers racing for
+//! one job cannot both win.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use super::{decide_claim, now_ms, Claim, Entry, Finished, LedgerError, Progress};
+use crate::job::JobId;
+
+/// Key prefix, so the ledger can share a Redis database with other data.
+const PREFIX: &str = "account-worker:job:";
+
+/// Writes ARGV[2] with a PX of ARGV[3] only if the key still holds ARGV[1]
+/// (an empty ARGV[1] meaning "absent").
+const COMPARE_AND_SET: &str = r"
+local current = redis.call('GET', KEYS[1])
+if (current == false and ARGV[1] == '') or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// A Redis ledger; cheap to clone (the connection reconnects by itself).
+#[derive(Clone)]
+pub struct RedisLedger {
+    connection: ConnectionManager,
+    retention: Duration,
+    cas: Script,
+}
+
+impl std::fmt::Debug for RedisLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLedger")
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_error(error: redis::RedisError) -> LedgerError {
+    LedgerError::Redis(error.to_string())
+}
+
+impl RedisLedger {
+    /// Connects to the Redis at `url`.
+    pub async fn open(url: &str, retention: Duration) -> Result<Self, LedgerError> {
+        let client = redis::Client::open(url).map_err(redis_error)?;
+        let connection = ConnectionManager::new(client).await.map_err(redis_error)?;
+        Ok(Self {
+            connection,
+            retention,
+            cas: Script::new(COMPARE_AND_SET),
+        })
+    }
+
+    /// A clone of the shared connection (for the fleet rate limiter).
+    pub fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
+
+    /// Reads, decides, and compare-and-sets until no other writer interfered.
+    async fn update<T>(
+        &self,
+        job: &JobId,
+        mut change: impl FnMut(Option<Entry>) -> (T, Option<Entry>),
+    ) -> Result<T, LedgerError> {
+        let key = format!("{PREFIX}{}", job.as_str());
+        let mut connection = self.connection.clone();
+        loop {
+            let raw: Option<String> = connection.get(&key).await.map_err(redis_error)?;
+            let current =
+                match &raw {
+                    Some(text) => Some(serde_json::from_str::<Entry>(text).map_err(|e| {
+                        LedgerError::Corrupt {
+                            job_id: job.to_string(),
+                            reason: e.to_string(),
+                        }
+                    })?),
+                    None => None,
+                };
+            let (answer, write) = change(current);
+            let Some(entry) = write else {
+                return Ok(answer);
+            };
+            let text =
+                serde_json::to_string(&entry).map_err(|e| LedgerError::Redis(e.to_string()))?;
+            let written: i64 = self
+                .cas
+                .key(&key)
+                .arg(raw.as_deref().unwrap_or(""))
+                .arg(text)
+                .arg(self.retention.as_millis() as u64)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            if written == 1 {
+                return Ok(answer);
+            }
+        }
+    }
+
+    /// See [`super::Ledger::claim`].
+    pub async fn claim(
+        &self,
+        job: &JobId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Claim, LedgerError> {
+        self.update(job, |current| decide_claim(current, owner, now_ms(), lease))
+            .await
+    }
+
+    /// See [`super::Ledger::renew`].
+    pub async fn renew(
+        &self,
+        job: &JobId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, LedgerError> {
+        self.update(job, |current| match current {
+            Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
+                entry.lease_until_ms = now_ms() + lease.as_millis() as u64;
+                (true, Some(entry))
+            }
+            _ => (false, None),
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::checkpoint`].
+    pub async fn checkpoint(
+        &self,
+        job: &JobId,
+        owner: &str,
+        progress: &Progress,
+    ) -> Result<(), LedgerError> {
+        self.update(job, |current| match current {
+            Some(mut entry) if entry.finished.is_none() => {
+                entry.owner = owner.to_owned();
+                entry.progress = progress.clone();
+                ((), Some(entry))
+            }
+            _ => ((), None),
+        })
+        .await
+    }
+
+    /// See [`super::Ledger::finish`].
+    pub async fn finish(&self, job: &JobId, finished: &Finished) -> Result<(), LedgerError> {
+        self.update(job, |current| {
+            let mut entry = current.unwrap_or(Entry {
+                owner: String::new(),
+                lease_until_ms: 0,
+                deliveries: 1,
+                progress: Progress::default(),
+                finished: None,
+            });
+            entry.finished = Some(finished.clone());
+            ((), Some(entry))
+        })
+        .await
+    }
+}

@@ -1,0 +1,207 @@
+//! The attempt loop of one owned job: rounds of vendor calls with checkpoints,
+//! backoff, circuit and rate limit, until every item has an outcome.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::state::JobState;
+use super::{Pipeline, Stop};
+use crate::circuit::Pass;
+use crate::job::{Item, ItemError};
+use crate::retry::{self, Decision};
+use crate::vendor::{ItemOutcome, VendorClient, VendorError};
+
+/// What one round of calls left behind.
+#[derive(Debug, Default)]
+struct Round {
+    /// A call reached the vendor (its effect may exist).
+    touched_vendor: bool,
+    /// The vendor's own wait before the next attempt.
+    not_before: Option<Duration>,
+    /// The round hit a vendor-wide failure.
+    vendor_wide: Option<VendorError>,
+    /// The last error seen, for `err_retries_exhausted`.
+    last_error: Option<String>,
+}
+
+impl Pipeline {
+    /// Calls the vendor until no item is pending. Returns `Err(Stop)` when the
+    /// worker is stopping and this job has not touched the vendor yet.
+    pub(super) async fn attempt_all(
+        &self,
+        client: &VendorClient,
+        state: &mut JobState,
+        owner: &str,
+        stopping: &CancellationToken,
+    ) -> Result<(), Stop> {
+        let vendor = client.kind();
+        let circuit = self.circuits.get(vendor);
+        let mut touched_vendor = false;
+        while !state.is_done() {
+            let pass = tokio::select! {
+                pass = circuit.pass() => pass,
+                _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
+            };
+            // The in-flight marker must be stored before anything is sent: it is
+            // what keeps a redelivery from sending an additive item again.
+            let pending = state.pending_items();
+            let in_flight = state.progress(&pending);
+            if let Err(e) = self
+                .ledger
+                .checkpoint(&state.job.id, owner, &in_flight)
+                .await
+            {
+                warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopping.cancelled() => return Err(Stop),
+                }
+            }
+            state.attempts += 1;
+            tracing::Span::current().record("attempt", state.attempts);
+            let round = self.send_round(client, state).await;
+            touched_vendor |= round.touched_vendor;
+            if let Some(error) = round.vendor_wide {
+                // Not the job's fault and nothing was executed: the round does not
+                // count against the job's attempts.
+                state.attempts -= 1;
+                if circuit.trip(error.to_string()) || pass == Pass::Probe {
+                    warn!(%vendor, error = %error, "vendor-wide failure: holding {vendor} jobs and probing with backoff");
+                }
+                continue;
+            }
+            if circuit.succeed() {
+                info!(%vendor, "{vendor} answers again: resuming its jobs");
+            }
+            let progress = state.progress(&[]);
+            if let Err(e) = self
+                .ledger
+                .checkpoint(&state.job.id, owner, &progress)
+                .await
+            {
+                warn!(error = %e, "cannot record progress in the ledger; continuing");
+            }
+            if state.is_done() {
+                break;
+            }
+            if state.attempts >= self.backoff.max_attempts() {
+                let last = round.last_error.unwrap_or_else(|| "no detail".to_owned());
+                state.fail_all_pending(&ItemError::permanent(
+                    "err_retries_exhausted",
+                    format!(
+                        "gave up after {} attempts; last error: {last}",
+                        state.attempts
+                    ),
+                ));
+                break;
+            }
+            let wait = self
+                .backoff
+                .delay(state.attempts)
+                .max(round.not_before.unwrap_or_default());
+            debug!(wait_ms = wait.as_millis() as u64, "retrying pending items");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every pending item once, in calls of at most the vendor's size, and
+    /// records what happened to each.
+    async fn send_round(&self, client: &VendorClient, state: &mut JobState) -> Round {
+        let limiter = self.limiters.get(client.kind());
+        let pending: Vec<Item> = state.pending_items().into_iter().cloned().collect();
+        let calls = pending
+            .chunks(client.max_items_per_call())
+            .map(|chunk| async move {
+                // Every attempt, retries included, is charged to the rate limit.
+                limiter.acquire().await;
+                let refs: Vec<&Item> = chunk.iter().collect();
+                (chunk, client.send(&refs).await)
+            });
+        let mut round = Round::default();
+        for (chunk, result) in join_all(calls).await {
+            match result {
+                Ok(report) => {
+                    round.touched_vendor = true;
+                    state.last_http_status = Some(report.http_status);
+                    for (item, outcome) in chunk.iter().zip(report.outcomes) {
+                        apply_item_outcome(state, item, outcome, &mut round);
+                    }
+                }
+                Err(error) => self.apply_call_error(client, state, chunk, error, &mut round),
+            }
+        }
+        round
+    }
+
+    fn apply_call_error(
+        &self,
+        client: &VendorClient,
+        state: &mut JobState,
+        chunk: &[Item],
+        error: VendorError,
+        round: &mut Round,
+    ) {
+        debug!(error = %error, items = chunk.len(), "vendor call failed");
+        round.last_error = Some(error.to_string());
+        if let VendorError::Http { status, .. } | VendorError::Credentials { status, .. } = &error {
+            state.last_http_status = Some(*status);
+        }
+        match retry::classify(&error) {
+            Decision::Retry { not_before } => {
+                if let (VendorError::Throttled { .. }, Some(wait)) = (&error, not_before) {
+                    self.limiters.get(client.kind()).pause_for(wait);
+                }
+                round.not_before = round.not_before.max(not_before);
+            }
+            Decision::OutcomeUnknown => {
+                round.touched_vendor = true;
+                for item in chunk.iter().filter(|item| item.is_additive()) {
+                    state.fail(
+                        item.index,
+                        vec![ItemError::permanent(
+                            "err_outcome_unknown",
+                            format!(
+                                "the call may have been applied ({error}); numberOfUsers is additive, so it is not resent: reconcile the account before replaying"
+                            ),
+                        )],
+                    );
+                }
+            }
+            Decision::Permanent(item_error) => {
+                round.touched_vendor = true;
+                for item in chunk {
+                    state.fail(item.index, vec![item_error.clone()]);
+                }
+            }
+            Decision::VendorWide => round.vendor_wide = Some(error),
+        }
+    }
+}
+
+fn apply_item_outcome(state: &mut JobState, item: &Item, outcome: ItemOutcome, round: &mut Round) {
+    match outcome {
+        ItemOutcome::Applied(data) => state.succeed(item.index, data),
+        // The vendor says it did not apply the item and a retry may work.
+        ItemOutcome::Failed(errors) if errors.iter().any(|e| e.retryable) => {
+            round.last_error = errors.first().map(|e| format!("{}: {}", e.code, e.message));
+        }
+        ItemOutcome::Failed(errors) => state.fail(item.index, errors),
+        ItemOutcome::Unaccounted if item.is_additive() => state.fail(
+            item.index,
+            vec![ItemError::permanent(
+                "err_outcome_unknown",
+                "the vendor's response did not mention this item; numberOfUsers is additive, so it is not resent",
+            )],
+        ),
+        ItemOutcome::Unaccounted => {
+            round.last_error = Some("the vendor's response did not mention the item".to_owned());
+        }
+    }
+}
