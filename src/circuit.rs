@@ -23,7 +23,13 @@ struct State {
     trips: u32,
     /// Why it is open, for the readiness endpoint.
     reason: Option<String>,
+    /// Rounds in a row in which the vendor could not be reached at all.
+    unreachable_rounds: u32,
 }
+
+/// Rounds in a row with the vendor unreachable before it counts as an outage
+/// rather than a passing network error.
+const UNREACHABLE_ROUNDS_TO_TRIP: u32 = 3;
 
 /// The circuit of one vendor.
 #[derive(Debug, Default)]
@@ -88,6 +94,36 @@ impl Circuit {
         drop(state);
         self.changed.notify_waiters();
         opened
+    }
+
+    /// Records a round in which no call reached the vendor; returns true when the
+    /// vendor has now been unreachable long enough to hold its jobs.
+    pub fn record_unreachable(&self) -> bool {
+        let mut state = self.lock();
+        state.unreachable_rounds = state.unreachable_rounds.saturating_add(1);
+        state.unreachable_rounds >= UNREACHABLE_ROUNDS_TO_TRIP
+    }
+
+    /// Waits until the circuit is open (for tests and probes of readiness).
+    pub async fn wait_open(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.lock().open_until.is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until the circuit is closed again.
+    pub async fn wait_closed(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.lock().open_until.is_none() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Records a call the vendor answered; returns true when this closed the circuit.

@@ -56,6 +56,7 @@ enum SessionEnd {
 #[derive(Debug, Clone)]
 pub struct Worker {
     settings: Arc<Settings>,
+    circuits: Arc<Circuits>,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
 }
@@ -83,9 +84,15 @@ impl Worker {
         ));
         Ok(Self {
             settings: Arc::new(settings),
+            circuits: circuits.clone(),
             pipeline,
             health: Arc::new(Health::new(circuits)),
         })
+    }
+
+    /// The per-vendor circuits, for tests and reports.
+    pub fn circuits(&self) -> &Arc<Circuits> {
+        &self.circuits
     }
 
     /// Health and readiness, for the HTTP endpoints and tests.
@@ -223,7 +230,16 @@ impl Worker {
         stopping: &CancellationToken,
     ) {
         self.health.job_started();
-        let outcome = self.pipeline.process(&delivery.data, stopping).await;
+        let processing =
+            std::panic::AssertUnwindSafe(self.pipeline.process(&delivery.data, stopping));
+        // A bug must not leave the delivery unacked forever: hand it back, and the
+        // ledger's delivery count turns a job that keeps crashing into a dead letter.
+        let outcome = futures_util::FutureExt::catch_unwind(processing)
+            .await
+            .unwrap_or_else(|_| {
+                error!("job processing panicked; handing the job back to the broker");
+                Outcome::HandBack
+            });
         let settled = match outcome {
             Outcome::HandBack => delivery
                 .acker

@@ -119,3 +119,115 @@ async fn a_job_is_not_acked_before_its_result_is_published() {
     let _ = worker.await;
     queues.delete().await;
 }
+
+fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("child is running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_jobs_exits_zero_and_loses_nothing() {
+    let mock = MockVendor::start("127.0.0.1:0".parse().unwrap(), MockVendorConfig::demo())
+        .await
+        .unwrap();
+    mock.set_latency(std::time::Duration::from_millis(30));
+    let ledger = tempfile::tempdir().unwrap();
+    let queue = common::unique_queue("sigterm");
+    let env = common::worker_env(&queue, &mock, ledger.path());
+    let mut queues = Queues::open(&queue).await;
+    let jobs = 200;
+    for i in 0..jobs {
+        queues
+            .publish(&json!({"jobId": format!("st-{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("ST{i}"), "numberOfUsers": 1}]}))
+            .await;
+    }
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("run")
+        .envs(&env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_requests(40))
+        .await
+        .expect("the worker is busy");
+    signal(&child, "TERM");
+    // SHUTDOWN_TIMEOUT is 10 s in the test environment.
+    let status = tokio::time::timeout(EVENT_TIMEOUT, child.wait())
+        .await
+        .expect("the worker exits within its shutdown timeout")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+
+    // A worker started afterwards finishes the rest.
+    let (stop, worker) = common::start_worker(&env).await;
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < jobs {
+        let result = queues.next_result().await;
+        if let Some(earlier) = seen.insert(result.job_id.clone(), result.clone()) {
+            assert_eq!(earlier, result);
+        }
+    }
+    assert!(seen.values().all(|r| r.status == JobStatus::Succeeded));
+    for i in 0..jobs {
+        assert_eq!(
+            mock.applied_count(Vendor::Mimecast, &format!("ST{i}")),
+            1,
+            "ST{i}"
+        );
+    }
+    stop.cancel();
+    let _ = worker.await;
+    queues.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_keeps_killing_its_worker_is_dead_lettered_as_poison() {
+    let mock = MockVendor::start("127.0.0.1:0".parse().unwrap(), MockVendorConfig::demo())
+        .await
+        .unwrap();
+    let ledger = tempfile::tempdir().unwrap();
+    let queue = common::unique_queue("poison");
+    let mut env = common::worker_env(&queue, &mock, ledger.path());
+    env.insert("MAX_DELIVERIES".into(), "2".into());
+    env.insert("LEDGER_LEASE".into(), "1s".into());
+    let mut queues = Queues::open(&queue).await;
+    queues
+        .publish(&json!({"jobId": "poison-1", "vendor": "mimecast", "data": [{"accountCode": "PZ", "products": [7]}]}))
+        .await;
+    // Two deliveries each die while their call hangs at the vendor.
+    for delivery in 1..=2 {
+        mock.push_fault(Vendor::Mimecast, Fault::Delay { ms: 120_000 });
+        let mut child = tokio::process::Command::new(BIN)
+            .arg("run")
+            .envs(&env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_requests(delivery))
+            .await
+            .expect("the delivery reaches the vendor");
+        child.kill().await.unwrap();
+    }
+    let (stop, worker) = common::start_worker(&env).await;
+    let result = queues.next_result().await;
+    assert_eq!(result.status, JobStatus::Failed);
+    assert_eq!(result.fail[0].errors[0].code, "err_poison_message");
+    let dead = queues.next_dead_letter().await;
+    assert_eq!(dead.code, "err_poison_message");
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "the third delivery does not call the vendor"
+    );
+    stop.cancel();
+    let _ = worker.await;
+    queues.delete().await;
+}

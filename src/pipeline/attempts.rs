@@ -25,6 +25,8 @@ struct Round {
     vendor_wide: Option<VendorError>,
     /// The last error seen, for `err_retries_exhausted`.
     last_error: Option<String>,
+    /// Some call could not reach the vendor at all.
+    unreachable: bool,
 }
 
 impl Pipeline {
@@ -40,6 +42,7 @@ impl Pipeline {
         let vendor = client.kind();
         let circuit = self.circuits.get(vendor);
         let mut touched_vendor = false;
+        let mut unreachable_rounds = 0;
         while !state.is_done() {
             let pass = tokio::select! {
                 pass = circuit.pass() => pass,
@@ -64,6 +67,8 @@ impl Pipeline {
             tracing::Span::current().record("attempt", state.attempts);
             let round = self.send_round(client, state).await;
             touched_vendor |= round.touched_vendor;
+            // Record what the round settled and that nothing is in flight any more.
+            self.record_progress(state, owner).await;
             if let Some(error) = round.vendor_wide {
                 // Not the job's fault and nothing was executed: the round does not
                 // count against the job's attempts.
@@ -73,16 +78,26 @@ impl Pipeline {
                 }
                 continue;
             }
+            if round.unreachable && !round.touched_vendor {
+                // Nothing was sent, so nothing is spent: an outage must not burn
+                // the job's attempts. A sustained one holds the vendor's jobs.
+                state.attempts -= 1;
+                unreachable_rounds += 1;
+                let reason = round.last_error.unwrap_or_default();
+                if circuit.record_unreachable() {
+                    if circuit.trip(reason.clone()) || pass == Pass::Probe {
+                        warn!(%vendor, error = %reason, "{vendor} unreachable: holding its jobs and probing with backoff");
+                    }
+                    continue;
+                }
+                let wait = self.backoff.delay(unreachable_rounds);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
+                }
+            }
             if circuit.succeed() {
                 info!(%vendor, "{vendor} answers again: resuming its jobs");
-            }
-            let progress = state.progress(&[]);
-            if let Err(e) = self
-                .ledger
-                .checkpoint(&state.job.id, owner, &progress)
-                .await
-            {
-                warn!(error = %e, "cannot record progress in the ledger; continuing");
             }
             if state.is_done() {
                 break;
@@ -109,6 +124,19 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// Best effort: if it fails, a redelivery resumes from the in-flight marker and
+    /// reports the additive items as unknown, which is safe.
+    async fn record_progress(&self, state: &JobState, owner: &str) {
+        let progress = state.progress(&[]);
+        if let Err(e) = self
+            .ledger
+            .checkpoint(&state.job.id, owner, &progress)
+            .await
+        {
+            warn!(error = %e, "cannot record progress in the ledger; continuing");
+        }
     }
 
     /// Sends every pending item once, in calls of at most the vendor's size, and
@@ -153,6 +181,7 @@ impl Pipeline {
         if let VendorError::Http { status, .. } | VendorError::Credentials { status, .. } = &error {
             state.last_http_status = Some(*status);
         }
+        round.unreachable |= matches!(error, VendorError::Unreachable(_));
         match retry::classify(&error) {
             Decision::Retry { not_before } => {
                 if let (VendorError::Throttled { .. }, Some(wait)) = (&error, not_before) {

@@ -277,8 +277,9 @@ pub struct TestApp {
     pub queues: Queues,
     pub env: HashMap<String, String>,
     pub ledger_dir: tempfile::TempDir,
+    pub worker: Worker,
     stop: CancellationToken,
-    worker: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl TestApp {
@@ -300,21 +301,29 @@ impl TestApp {
         let mut env = worker_env(&queue, &mock, ledger_dir.path());
         adjust(&mut env);
         let queues = Queues::open(&queue).await;
-        let (stop, worker) = start_worker(&env).await;
+        let (stop, task, worker) = start_worker_with_handle(&env).await;
         Self {
             mock,
             queues,
             env,
             ledger_dir,
-            stop,
             worker,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Stops the worker gracefully (in-flight jobs finish or go back to the queue).
+    pub async fn stop_worker(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(EVENT_TIMEOUT, task).await;
         }
     }
 
     /// Stops the worker gracefully and deletes the queues.
-    pub async fn finish(self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(EVENT_TIMEOUT, self.worker).await;
+    pub async fn finish(mut self) {
+        self.stop_worker().await;
         self.queues.delete().await;
         self.mock.shutdown();
     }
@@ -322,11 +331,20 @@ impl TestApp {
 
 /// Runs a worker in this process with `env`; returns its stop token and task.
 pub async fn start_worker(env: &HashMap<String, String>) -> (CancellationToken, JoinHandle<()>) {
+    let (stop, handle, _) = start_worker_with_handle(env).await;
+    (stop, handle)
+}
+
+/// As [`start_worker`], also returning the worker to observe its health and circuits.
+pub async fn start_worker_with_handle(
+    env: &HashMap<String, String>,
+) -> (CancellationToken, JoinHandle<()>, Worker) {
     let worker = Worker::new(settings_from(env))
         .await
         .expect("worker builds");
     let stop = CancellationToken::new();
     let token = stop.clone();
-    let handle = tokio::spawn(async move { worker.run(token).await });
-    (stop, handle)
+    let running = worker.clone();
+    let handle = tokio::spawn(async move { running.run(token).await });
+    (stop, handle, worker)
 }
