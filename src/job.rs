@@ -62,6 +62,12 @@ impl JobId {
         Ok(Self(value.to_owned()))
     }
 
+    /// The ledger key of a replay of this job: a replayed dead letter is a new
+    /// attempt at the change, so it must not find the original's outcome.
+    pub fn replayed(&self, replay_id: &str) -> Self {
+        Self(format!("{}#replay:{replay_id}", self.0))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -107,6 +113,9 @@ impl Item {
 pub struct Job {
     /// The producer's id for this change.
     pub id: JobId,
+    /// The key of this job in the idempotency ledger: the id, or the id and a
+    /// replay id when an operator replayed it from the dead-letter queue.
+    pub ledger_key: JobId,
     /// Which vendor the items go to.
     pub vendor: VendorKind,
     /// Items that passed validation, in order.

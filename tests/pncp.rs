@@ -271,6 +271,11 @@ async fn invalid_pncp_items_never_reach_the_vendor_and_name_the_field() {
             json!({"accountId": "5".repeat(65), "name": "N", "email": "a@example.com"}),
             "err_validation_accountId",
         ),
+        // `/account/..` would address the collection, not an account.
+        (
+            json!({"accountId": "..", "name": "N", "email": "a@example.com"}),
+            "err_validation_accountId",
+        ),
     ];
     for (i, (bad, _)) in bad_items.iter().enumerate() {
         app.queues
@@ -346,6 +351,29 @@ async fn a_pncp_server_error_is_resent_because_modify_account_is_idempotent() {
     for id in ["601", "602"] {
         assert_eq!(app.mock.applied_count(Vendor::Pncp, id), 1, "{id}");
     }
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pncp_429_waits_for_retry_after_and_then_succeeds() {
+    let mut app = TestApp::spawn("pncp_429").await;
+    // The mock answers `Retry-After: 1` (seconds).
+    app.mock
+        .push_fault(Vendor::Pncp, Fault::RateLimited { reset_ms: 1000 });
+    app.queues
+        .publish(&json!({"jobId": "pncp-429", "vendor": "pncp", "data": [item("651", "Patient")]}))
+        .await;
+
+    let result = app.queues.next_result().await;
+    assert_eq!(result.status, JobStatus::Succeeded, "{:?}", result.fail);
+    let requests = app.mock.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!((requests[0].status, requests[1].status), (429, 200));
+    let waited = requests[1].at_ms - requests[0].at_ms;
+    assert!(
+        waited >= 1000,
+        "resent after {waited} ms, before Retry-After"
+    );
     app.finish().await;
 }
 

@@ -1,5 +1,6 @@
 //! RabbitMQ: connection, topology, confirmed publishing, and the consume loop.
 
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -51,4 +52,17 @@ pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, Broke
             url: crate::config::redact_url(url.expose_secret()),
             source,
         })
+}
+
+/// A header as text, whatever AMQP type it was sent as.
+pub fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
+    let value = headers.inner().get(name)?;
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        other => format!("{other:?}"),
+    })
 }

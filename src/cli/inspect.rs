@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 
-use crate::broker::{self, BrokerError};
+use crate::broker::{self, header_text as header, BrokerError};
 use crate::config::Settings;
 use crate::job::JobResult;
 
@@ -117,17 +117,4 @@ pub async fn dlq_list(settings: &Settings, limit: usize) -> Result<usize, Broker
     let _ = channel.close(200, "listed".into()).await;
     let _ = connection.close(200, "listed".into()).await;
     Ok(shown)
-}
-
-/// A header as text, whatever AMQP type it was sent as.
-pub fn header(headers: &FieldTable, name: &str) -> Option<String> {
-    let value = headers.inner().get(name)?;
-    Some(match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_owned(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        other => format!("{other:?}"),
-    })
 }

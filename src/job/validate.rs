@@ -123,6 +123,7 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
         }
     }
     Ok(Job {
+        ledger_key: job_id.clone(),
         id: job_id,
         vendor,
         items,
@@ -275,10 +276,13 @@ fn validate_pncp_item(raw: &Value) -> Result<(String, Map<String, Value>), ItemE
         ],
     )?;
     let account = required_string(item, "accountId", 64)?;
-    if account.contains('/') || account.trim() != account {
+    // "." and ".." are path steps, not ids: `/account/..` would address another resource.
+    if account.contains('/') || account.trim() != account || matches!(account, "." | "..") {
         return Err(field_error(
             "accountId",
-            format!("accountId {account:?} must not contain '/' or surrounding spaces"),
+            format!(
+                "accountId {account:?} must not contain '/' or surrounding spaces, nor be '.' or '..'"
+            ),
         ));
     }
     required_string(item, "name", MAX_TEXT_CHARS)?;
@@ -448,6 +452,12 @@ mod tests {
             check(json!({"accountId": "9/9", "name": "N", "email": "a@example.com"})).unwrap(),
             "err_validation_accountId"
         );
+        for dots in [".", ".."] {
+            assert_eq!(
+                check(json!({"accountId": dots, "name": "N", "email": "a@example.com"})).unwrap(),
+                "err_validation_accountId"
+            );
+        }
         assert_eq!(
             check(json!({"accountId": "99", "email": "a@example.com"})).unwrap(),
             "err_validation_name"

@@ -54,7 +54,7 @@ impl Pipeline {
             let in_flight = state.progress(&pending);
             if let Err(e) = self
                 .ledger
-                .checkpoint(&state.job.id, owner, &in_flight)
+                .checkpoint(&state.job.ledger_key, owner, &in_flight)
                 .await
             {
                 warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
@@ -132,7 +132,7 @@ impl Pipeline {
         let progress = state.progress(&[]);
         if let Err(e) = self
             .ledger
-            .checkpoint(&state.job.id, owner, &progress)
+            .checkpoint(&state.job.ledger_key, owner, &progress)
             .await
         {
             warn!(error = %e, "cannot record progress in the ledger; continuing");
@@ -157,6 +157,9 @@ impl Pipeline {
             match result {
                 Ok(report) => {
                     round.touched_vendor = true;
+                    if let Some(quota) = report.quota {
+                        limiter.observe(quota);
+                    }
                     state.last_http_status = Some(report.http_status);
                     for (item, outcome) in chunk.iter().zip(report.outcomes) {
                         apply_item_outcome(state, item, outcome, &mut round);

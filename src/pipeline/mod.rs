@@ -96,10 +96,22 @@ impl Pipeline {
 
     /// Processes one message body. `stopping` is cancelled when the worker shuts
     /// down: a job that has not yet touched the vendor is then handed back.
-    pub async fn process(&self, body: &[u8], stopping: &CancellationToken) -> Outcome {
+    ///
+    /// `replay_id` is set when an operator replayed the message from the
+    /// dead-letter queue (`x-replay-id` header): the replay is then a new attempt
+    /// at the change, with its own ledger entry.
+    pub async fn process(
+        &self,
+        body: &[u8],
+        replay_id: Option<&str>,
+        stopping: &CancellationToken,
+    ) -> Outcome {
         match crate::job::parse(body) {
             Err(malformed) => malformed_outcome(body, malformed),
-            Ok(job) => {
+            Ok(mut job) => {
+                if let Some(replay_id) = replay_id {
+                    job.ledger_key = job.id.replayed(replay_id);
+                }
                 let span = tracing::info_span!("job", job_id = %job.id, vendor = %job.vendor, attempt = tracing::field::Empty);
                 self.process_job(job, stopping).instrument(span).await
             }
@@ -166,7 +178,7 @@ impl Pipeline {
             // Release the lease so the next delivery need not wait for it to lapse.
             let _ = self
                 .ledger
-                .renew(&state.job.id, &owner, Duration::ZERO)
+                .renew(&state.job.ledger_key, &owner, Duration::ZERO)
                 .await;
             return Outcome::HandBack;
         }
@@ -180,7 +192,7 @@ impl Pipeline {
                 result: result.clone(),
                 dead_letter: dead_letter.as_ref().map(StoredDeadLetter::from_letter),
             };
-            if let Err(e) = self.ledger.finish(&state.job.id, &stored).await {
+            if let Err(e) = self.ledger.finish(&state.job.ledger_key, &stored).await {
                 // The checkpoints still hold every item's outcome, so a redelivery
                 // rebuilds the same result without calling the vendor again.
                 error!(error = %e, "cannot store the job's outcome in the ledger");
@@ -199,7 +211,11 @@ impl Pipeline {
     ) -> Result<Result<(Progress, u32), Box<Finished>>, Stop> {
         let mut wait = Duration::from_millis(50);
         loop {
-            match self.ledger.claim(&job.id, owner, self.policy.lease).await {
+            match self
+                .ledger
+                .claim(&job.ledger_key, owner, self.policy.lease)
+                .await
+            {
                 Ok(Claim::Busy) => {
                     debug!("another delivery of this job is in progress; waiting for its outcome");
                 }
@@ -221,7 +237,7 @@ impl Pipeline {
     /// Renews the lease in the background for as long as the job runs.
     fn keep_lease(&self, job: &Job, owner: &str) -> tokio::task::JoinHandle<()> {
         let ledger = self.ledger.clone();
-        let job_id = job.id.clone();
+        let job_id = job.ledger_key.clone();
         let owner = owner.to_owned();
         let lease = self.policy.lease;
         tokio::spawn(async move {

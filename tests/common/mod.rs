@@ -216,7 +216,7 @@ impl Queues {
     pub async fn next_dead_letter(&mut self) -> DeadLetter {
         let delivery = Self::next(&mut self.dead, "dead letter").await;
         let headers = delivery.properties.headers().clone().unwrap_or_default();
-        let header = |name: &str| account_worker::cli::inspect::header(&headers, name);
+        let header = |name: &str| account_worker::broker::header_text(&headers, name);
         DeadLetter {
             code: header("x-error-code").unwrap_or_default(),
             message: header("x-error-message").unwrap_or_default(),
