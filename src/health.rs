@@ -1,29 +1,33 @@
 //! Liveness and readiness of the worker, as `/healthz` and `/readyz` report them.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::circuit::Circuits;
 use crate::job::VendorKind;
+use crate::metrics::Metrics;
 
 /// Shared state read by the HTTP endpoints.
 #[derive(Debug)]
 pub struct Health {
     consuming: AtomicBool,
-    in_flight: AtomicI64,
-    reconnects: AtomicU64,
     circuits: Arc<Circuits>,
+    metrics: Arc<Metrics>,
 }
 
 impl Health {
     /// Not consuming yet, no jobs, closed circuits.
-    pub fn new(circuits: Arc<Circuits>) -> Self {
+    pub fn new(circuits: Arc<Circuits>, metrics: Arc<Metrics>) -> Self {
         Self {
             consuming: AtomicBool::new(false),
-            in_flight: AtomicI64::new(0),
-            reconnects: AtomicU64::new(0),
             circuits,
+            metrics,
         }
+    }
+
+    /// The worker's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Marks whether a broker consumer is active.
@@ -36,27 +40,9 @@ impl Health {
         self.consuming.load(Ordering::SeqCst)
     }
 
-    /// Counts a lost broker session.
-    pub fn count_reconnect(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Broker sessions lost so far.
     pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn job_started(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn job_finished(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Jobs being processed right now.
-    pub fn in_flight(&self) -> i64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.metrics.broker_reconnects()
     }
 
     /// The open circuit's reason per vendor.

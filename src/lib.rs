@@ -7,6 +7,8 @@
     clippy::await_holding_lock
 )]
 
+pub mod batcher;
+pub mod bench;
 pub mod broker;
 pub mod circuit;
 pub mod cli;

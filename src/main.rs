@@ -5,7 +5,7 @@ use clap::Parser;
 
 use account_worker::cli::{self, Cli, Command, DlqAction};
 use account_worker::config::Settings;
-use account_worker::{metrics, shutdown, telemetry, worker::Worker};
+use account_worker::{bench, metrics, shutdown, telemetry, worker::Worker};
 
 #[tokio::main]
 async fn main() {
@@ -59,6 +59,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{shown} dead letters shown (left in {})",
                 settings.broker.jobs_queue.dead
             );
+        }
+        Command::Dlq {
+            action: DlqAction::Replay(filter),
+        } => {
+            let summary = cli::replay::dlq_replay(&settings, filter).await?;
+            eprintln!("{summary}");
+        }
+        Command::Bench {
+            jobs,
+            backlog,
+            chart,
+        } => {
+            let options = bench::BenchOptions {
+                jobs,
+                backlog,
+                chart,
+            };
+            bench::run(&settings, options)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+        Command::BenchConsumer { baseline } => {
+            bench::baselines::run(&settings, baseline, shutdown::on_signal()).await?;
         }
         Command::MockVendor { listen, latency } => {
             cli::mock::run(&settings, listen, latency, shutdown::on_signal()).await?;

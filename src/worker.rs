@@ -15,13 +15,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::batcher::Batcher;
 use crate::broker::{self, BrokerError, Publisher};
 use crate::circuit::Circuits;
 use crate::config::Settings;
 use crate::health::Health;
 use crate::ledger::{Ledger, LedgerError};
-use crate::limiter::Limiters;
-use crate::pipeline::{LedgerPolicy, Outcome, Pipeline};
+use crate::limiter::{LimiterError, Limiters};
+use crate::metrics::Metrics;
+use crate::pipeline::{Batchers, LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
@@ -38,6 +40,9 @@ pub enum WorkerError {
     /// The idempotency ledger could not be opened.
     #[error("cannot open the idempotency ledger: {0}")]
     Ledger(#[from] LedgerError),
+    /// The rate limiters could not be built (fleet scope without Redis).
+    #[error(transparent)]
+    Limiter(#[from] LimiterError),
     /// The metrics endpoint could not be served.
     #[error("cannot serve METRICS_ADDR {addr}: {source}; choose a free address")]
     Metrics {
@@ -69,28 +74,47 @@ impl Worker {
     /// Builds the vendor clients, limiters, ledger and pipeline from the settings.
     pub async fn new(settings: Settings) -> Result<Self, WorkerError> {
         let vendors = Vendors::from_settings(&settings)?;
-        let limiters = Arc::new(Limiters::new(
-            settings.mimecast.as_ref().and_then(|m| m.rate_limit),
-            settings.pncp.as_ref().and_then(|p| p.rate_limit),
-        ));
         let circuits = Arc::new(Circuits::default());
+        let metrics = Arc::new(Metrics::new());
         let ledger = Ledger::open(&settings.ledger).await?;
+        // In the fleet scope the limiters share their state through the ledger's Redis.
+        let redis = match &ledger {
+            Ledger::Redis(redis) => Some(redis.connection()),
+            _ => None,
+        };
+        let limiters = Arc::new(Limiters::from_settings(&settings, redis)?);
+        let batchers = Batchers {
+            mimecast: match (&settings.mimecast, &vendors.mimecast) {
+                (Some(mimecast), Some(client)) if mimecast.batch_max.get() > 1 => {
+                    Some(Batcher::start(
+                        client.clone(),
+                        limiters.clone(),
+                        metrics.clone(),
+                        mimecast.batch_max.get(),
+                        mimecast.batch_linger,
+                    ))
+                }
+                _ => None,
+            },
+        };
         let pipeline = Arc::new(Pipeline::new(
             vendors,
             limiters,
             circuits.clone(),
             Backoff::new(settings.retry),
             ledger,
+            metrics.clone(),
             LedgerPolicy {
                 lease: settings.ledger.lease,
                 max_deliveries: settings.broker.max_deliveries.get(),
             },
+            batchers,
         ));
         Ok(Self {
             settings: Arc::new(settings),
             circuits: circuits.clone(),
             pipeline,
-            health: Arc::new(Health::new(circuits)),
+            health: Arc::new(Health::new(circuits, metrics)),
         })
     }
 
@@ -113,7 +137,7 @@ impl Worker {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Lost(cause) => {
                     self.health.set_consuming(false);
-                    self.health.count_reconnect();
+                    self.health.metrics().broker_reconnect();
                     let wait = reconnect.next().unwrap_or(Duration::from_secs(30));
                     error!(error = %cause, retry_in_ms = wait.as_millis() as u64, "broker session lost; reconnecting");
                     tokio::select! {
@@ -233,7 +257,8 @@ impl Worker {
         publisher: &Publisher,
         stopping: &CancellationToken,
     ) {
-        self.health.job_started();
+        let metrics = self.health.metrics();
+        metrics.in_flight(1);
         let replay_id = delivery
             .properties
             .headers()
@@ -294,7 +319,7 @@ impl Worker {
         if let Err(e) = settled {
             warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
         }
-        self.health.job_finished();
+        metrics.in_flight(-1);
     }
 }
 

@@ -1,10 +1,14 @@
 //! `account-worker check`: configuration, broker reachability and vendors, without secrets.
 
 use crate::broker;
-use crate::config::{redact_url, Settings};
+use crate::config::{redact_url, LedgerLocation, RateLimitScope, Settings};
 use secrecy::ExposeSecret;
 
 /// Prints what the worker would run with; fails when the broker cannot be reached.
+///
+/// Nothing secret is printed: URLs go through `redact_url` (a password becomes `***`)
+/// and no access key, secret key, app key, application key or shared secret is shown,
+/// only the vendors' base URLs, the Mimecast app id and the PNCP media type.
 pub async fn run(settings: &Settings) -> Result<(), broker::BrokerError> {
     let broker_settings = &settings.broker;
     println!("configuration: ok");
@@ -19,21 +23,37 @@ pub async fn run(settings: &Settings) -> Result<(), broker::BrokerError> {
         broker_settings.jobs_queue.dead
     );
     println!("concurrency:   {}", broker_settings.concurrency);
+    match &settings.ledger.location {
+        LedgerLocation::File(path) => println!("ledger:        file:{}", path.display()),
+        LedgerLocation::Redis(url) => println!("ledger:        {}", redact_url(url)),
+    }
+    println!("metrics:       http://{}/metrics", settings.metrics_addr);
+    let scope = match settings.rate_limit_scope {
+        RateLimitScope::Process => "per process",
+        RateLimitScope::Fleet => "shared by the fleet",
+    };
+    let rate = |limit: Option<f64>| match limit {
+        Some(per_second) => format!("{per_second:.2}/s {scope}"),
+        None => "none".to_owned(),
+    };
     match &settings.mimecast {
         Some(m) => println!(
             "mimecast:      {} (app id {}, rate limit {})",
-            m.base_url,
+            redact_url(m.base_url.as_str()),
             m.app_id,
-            m.rate_limit
-                .map(|r| format!("{:.2}/s", r.per_second()))
-                .unwrap_or_else(|| "none".to_owned())
+            rate(m.rate_limit.map(|r| r.per_second()))
         ),
         None => {
             println!("mimecast:      not configured (jobs fail with err_vendor_not_configured)")
         }
     }
     match &settings.pncp {
-        Some(p) => println!("pncp:          {} ({})", p.base_url, p.media_type),
+        Some(p) => println!(
+            "pncp:          {} ({}, rate limit {})",
+            redact_url(p.base_url.as_str()),
+            p.media_type,
+            rate(p.rate_limit.map(|r| r.per_second()))
+        ),
         None => {
             println!("pncp:          not configured (jobs fail with err_vendor_not_configured)")
         }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 
 use crate::broker::{self, header_text as header, BrokerError};
@@ -77,14 +79,16 @@ fn print_result(result: &JobResult) {
 }
 
 /// Prints up to `limit` dead letters with their headers, leaving them in the queue.
+/// Returns how many were shown.
 pub async fn dlq_list(settings: &Settings, limit: usize) -> Result<usize, BrokerError> {
     let broker_settings = &settings.broker;
     let connection = broker::connect(&broker_settings.amqp_url, "account-worker dlq").await?;
     broker::declare(&connection, &broker_settings.jobs_queue).await?;
     let channel = connection.create_channel().await?;
     let mut shown = 0;
-    // Messages got without ack stay unacked until the channel closes, so each is
-    // seen once here and all return to the queue untouched afterwards.
+    // Messages got without ack stay unacked until handed back at the end, so each
+    // is seen once here and all return to their place untouched afterwards.
+    let mut held = Vec::new();
     while shown < limit {
         let Some(message) = channel
             .basic_get(
@@ -112,7 +116,17 @@ pub async fn dlq_list(settings: &Settings, limit: usize) -> Result<usize, Broker
             "    body: {}",
             String::from_utf8_lossy(&message.delivery.data)
         );
+        held.push(message.delivery.acker);
         shown += 1;
+    }
+    // An explicit nack, not only the channel close: RabbitMQ 4.3+ quorum queues then
+    // leave the delivery count alone, so listing does not spend a delivery limit.
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    for acker in held {
+        let _ = acker.nack(requeue).await;
     }
     let _ = channel.close(200, "listed".into()).await;
     let _ = connection.close(200, "listed".into()).await;

@@ -1,8 +1,13 @@
 //! Embedded ledger in a `redb` file: one worker process, no server to run.
+//!
+//! Every change is durable (fsync) before its caller goes on, but changes are
+//! committed in groups: one writer thread takes every change queued while the
+//! previous commit ran and commits them together. A worker with 64 jobs in
+//! flight then pays one fsync for many ledger writes instead of one each.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -19,12 +24,51 @@ struct Row {
     entry: Entry,
 }
 
+/// Most changes committed in one transaction.
+const MAX_GROUP: usize = 512;
+/// How often expired entries are swept while the worker runs.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Runs after the group's commit with its outcome, to answer the caller.
+type Reply = Box<dyn FnOnce(Result<(), LedgerError>) + Send>;
+/// A read-modify-write of one entry: returns what to store and how to answer.
+type Change = Box<dyn FnOnce(Result<Option<Entry>, LedgerError>) -> (Option<Entry>, Reply) + Send>;
+
+struct Op {
+    key: String,
+    change: Change,
+}
+
 /// A ledger file; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct FileLedger {
-    db: Arc<Database>,
-    path: PathBuf,
-    retention: Duration,
+    committer: Arc<Committer>,
+    writer: Arc<Writer>,
+}
+
+/// The channel to the writer thread; dropping the last handle stops the thread
+/// and waits for it, so the file is closed when the ledger is.
+#[derive(Debug)]
+struct Writer {
+    sender: Option<mpsc::Sender<Op>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Op")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FileLedger {
@@ -43,63 +87,65 @@ impl FileLedger {
                 "cannot open ({e}); a file ledger serves one worker process: give each worker its own LEDGER_URL=file:PATH, or share a redis:// ledger across a fleet"
             ))
         })?;
-        let ledger = Self {
+        let committer = Arc::new(Committer {
             db: Arc::new(db),
             path: path.to_owned(),
             retention,
-        };
-        ledger.sweep_now()?;
-        Ok(ledger)
+        });
+        committer.sweep(now_ms())?;
+        let (sender, ops) = mpsc::channel();
+        let thread_committer = committer.clone();
+        let thread = std::thread::Builder::new()
+            .name("ledger-writer".to_owned())
+            .spawn(move || thread_committer.write_groups(&ops))
+            .map_err(|e| error(format!("cannot start its writer thread ({e})")))?;
+        Ok(Self {
+            committer,
+            writer: Arc::new(Writer {
+                sender: Some(sender),
+                thread: Some(thread),
+            }),
+        })
     }
 
     fn error(&self, reason: impl std::fmt::Display) -> LedgerError {
-        LedgerError::File {
-            path: self.path.display().to_string(),
-            reason: reason.to_string(),
-        }
+        self.committer.error(reason)
     }
 
-    /// Runs one read-modify-write transaction off the async runtime.
+    /// Queues one read-modify-write for the next group commit and waits until it
+    /// is durable.
     async fn update<T: Send + 'static>(
         &self,
         job: &JobId,
         change: impl FnOnce(Option<Entry>) -> Result<(T, Option<Entry>), LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
-        let ledger = self.clone();
-        let key = job.as_str().to_owned();
-        tokio::task::spawn_blocking(move || {
-            let tx = ledger.db.begin_write().map_err(|e| ledger.error(e))?;
-            let answer = {
-                let mut table = tx.open_table(JOBS).map_err(|e| ledger.error(e))?;
-                let current = match table.get(key.as_str()).map_err(|e| ledger.error(e))? {
-                    Some(bytes) => Some(
-                        serde_json::from_slice::<Row>(bytes.value())
-                            .map_err(|e| LedgerError::Corrupt {
-                                job_id: key.clone(),
-                                reason: e.to_string(),
-                            })?
-                            .entry,
-                    ),
-                    None => None,
-                };
-                let (answer, write) = change(current)?;
-                if let Some(entry) = write {
-                    let row = Row {
-                        expires_at_ms: now_ms() + ledger.retention.as_millis() as u64,
-                        entry,
-                    };
-                    let bytes = serde_json::to_vec(&row).map_err(|e| ledger.error(e))?;
-                    table
-                        .insert(key.as_str(), bytes.as_slice())
-                        .map_err(|e| ledger.error(e))?;
-                }
-                answer
-            };
-            tx.commit().map_err(|e| ledger.error(e))?;
-            Ok(answer)
-        })
-        .await
-        .map_err(|e| self.error(format!("ledger task failed: {e}")))?
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<T, LedgerError>>();
+        let change: Change = Box::new(move |current| match current.and_then(change) {
+            Ok((answer, write)) => (
+                write,
+                Box::new(move |committed: Result<(), LedgerError>| {
+                    let _ = answer_tx.send(committed.map(|()| answer));
+                }) as Reply,
+            ),
+            Err(error) => (
+                None,
+                Box::new(move |_| {
+                    let _ = answer_tx.send(Err(error));
+                }) as Reply,
+            ),
+        });
+        self.writer
+            .sender
+            .as_ref()
+            .ok_or_else(|| self.error("the ledger is closing"))?
+            .send(Op {
+                key: job.as_str().to_owned(),
+                change,
+            })
+            .map_err(|_| self.error("the writer thread stopped"))?;
+        answer_rx
+            .await
+            .map_err(|_| self.error("the writer thread stopped before answering"))?
     }
 
     /// See [`super::Ledger::claim`].
@@ -171,12 +217,113 @@ impl FileLedger {
         .await
     }
 
-    fn sweep_now(&self) -> Result<usize, LedgerError> {
-        self.sweep_before(now_ms())
+    /// Deletes entries whose retention ended before `now` (Unix ms).
+    #[cfg(test)]
+    fn sweep_before(&self, now: u64) -> Result<usize, LedgerError> {
+        self.committer.sweep(now)
+    }
+
+    /// Entries stored now (for tests and reports).
+    pub fn len(&self) -> Result<u64, LedgerError> {
+        let tx = self.committer.db.begin_read().map_err(|e| self.error(e))?;
+        let table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
+        table.len().map_err(|e| self.error(e))
+    }
+
+    /// Whether the ledger holds no entry.
+    pub fn is_empty(&self) -> Result<bool, LedgerError> {
+        self.len().map(|n| n == 0)
+    }
+}
+
+/// The database and the commit logic, shared with the writer thread.
+#[derive(Debug)]
+struct Committer {
+    db: Arc<Database>,
+    path: PathBuf,
+    retention: Duration,
+}
+
+impl Committer {
+    fn error(&self, reason: impl std::fmt::Display) -> LedgerError {
+        LedgerError::File {
+            path: self.path.display().to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Commits queued changes in groups until every sender is gone.
+    fn write_groups(&self, ops: &mpsc::Receiver<Op>) {
+        let mut last_sweep = Instant::now();
+        while let Ok(first) = ops.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match ops.try_recv() {
+                    Ok(op) => group.push(op),
+                    Err(_) => break,
+                }
+            }
+            let (replies, committed) = self.commit(group);
+            for reply in replies {
+                reply(committed.as_ref().map(|_| ()).map_err(|e| self.error(e)));
+            }
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                last_sweep = Instant::now();
+                if let Err(e) = self.sweep(now_ms()) {
+                    tracing::warn!(error = %e, "cannot sweep expired ledger entries");
+                }
+            }
+        }
+    }
+
+    /// Applies a group of changes in one transaction; returns the replies and
+    /// whether the commit made them durable.
+    fn commit(&self, group: Vec<Op>) -> (Vec<Reply>, Result<(), String>) {
+        let mut replies = Vec::with_capacity(group.len());
+        let tx = match self.db.begin_write() {
+            Ok(tx) => tx,
+            Err(e) => {
+                for op in group {
+                    let (_, reply) = (op.change)(Err(self.error(&e)));
+                    replies.push(reply);
+                }
+                return (replies, Err(e.to_string()));
+            }
+        };
+        let applied = (|| -> Result<(), String> {
+            let mut table = tx.open_table(JOBS).map_err(|e| e.to_string())?;
+            for op in group {
+                let current = match table.get(op.key.as_str()) {
+                    Ok(Some(bytes)) => serde_json::from_slice::<Row>(bytes.value())
+                        .map(|row| Some(row.entry))
+                        .map_err(|e| LedgerError::Corrupt {
+                            job_id: op.key.clone(),
+                            reason: e.to_string(),
+                        }),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(self.error(e)),
+                };
+                let (write, reply) = (op.change)(current);
+                replies.push(reply);
+                if let Some(entry) = write {
+                    let row = Row {
+                        expires_at_ms: now_ms() + self.retention.as_millis() as u64,
+                        entry,
+                    };
+                    let bytes = serde_json::to_vec(&row).map_err(|e| e.to_string())?;
+                    table
+                        .insert(op.key.as_str(), bytes.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        })();
+        let committed = applied.and_then(|()| tx.commit().map_err(|e| e.to_string()));
+        (replies, committed)
     }
 
     /// Deletes entries whose retention ended before `now` (Unix ms).
-    fn sweep_before(&self, now: u64) -> Result<usize, LedgerError> {
+    fn sweep(&self, now: u64) -> Result<usize, LedgerError> {
         let tx = self.db.begin_write().map_err(|e| self.error(e))?;
         let removed = {
             let mut table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
@@ -198,18 +345,6 @@ impl FileLedger {
         };
         tx.commit().map_err(|e| self.error(e))?;
         Ok(removed)
-    }
-
-    /// Entries stored now (for tests and reports).
-    pub fn len(&self) -> Result<u64, LedgerError> {
-        let tx = self.db.begin_read().map_err(|e| self.error(e))?;
-        let table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
-        table.len().map_err(|e| self.error(e))
-    }
-
-    /// Whether the ledger holds no entry.
-    pub fn is_empty(&self) -> Result<bool, LedgerError> {
-        self.len().map(|n| n == 0)
     }
 }
 

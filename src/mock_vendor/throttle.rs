@@ -1,7 +1,9 @@
 //! Fixed-window request counting behind the `X-RateLimit-*` headers and the mock's own 429s.
 
-/// The `X-RateLimit-Limit` reported when no throttle is set (never enforced).
-const DEFAULT_RATE_LIMIT: u32 = 1000;
+/// The `X-RateLimit-Limit` reported when no throttle is set (never enforced):
+/// high enough that a client pacing itself on the quota headers never slows
+/// down against an unthrottled mock.
+const DEFAULT_RATE_LIMIT: u32 = 1_000_000;
 const WINDOW_MS: u64 = 1000;
 
 /// What the `X-RateLimit-*` headers report.

@@ -9,10 +9,15 @@ use tracing::{debug, info, warn};
 
 use super::state::JobState;
 use super::{Pipeline, Stop};
+use crate::batcher::Batcher;
 use crate::circuit::Pass;
 use crate::job::{Item, ItemError};
 use crate::retry::{self, Decision};
 use crate::vendor::{ItemOutcome, VendorClient, VendorError};
+
+/// The items of one call and what the call answered for them: per-item outcomes
+/// and the HTTP status, or the error of the whole call.
+type Answer = (Vec<Item>, Result<(Vec<ItemOutcome>, u16), VendorError>);
 
 /// What one round of calls left behind.
 #[derive(Debug, Default)]
@@ -65,6 +70,9 @@ impl Pipeline {
             }
             state.attempts += 1;
             tracing::Span::current().record("attempt", state.attempts);
+            if state.attempts > 1 {
+                self.metrics.retry(vendor);
+            }
             let round = self.send_round(client, state).await;
             touched_vendor |= round.touched_vendor;
             // Record what the round settled and that nothing is in flight any more.
@@ -76,6 +84,7 @@ impl Pipeline {
                 if circuit.trip(error.to_string()) || pass == Pass::Probe {
                     warn!(%vendor, error = %error, "vendor-wide failure: holding {vendor} jobs and probing with backoff");
                 }
+                self.metrics.circuit(vendor, true);
                 continue;
             }
             if round.unreachable && !round.touched_vendor {
@@ -88,6 +97,7 @@ impl Pipeline {
                     if circuit.trip(reason.clone()) || pass == Pass::Probe {
                         warn!(%vendor, error = %reason, "{vendor} unreachable: holding its jobs and probing with backoff");
                     }
+                    self.metrics.circuit(vendor, true);
                     continue;
                 }
                 let wait = self.backoff.delay(unreachable_rounds);
@@ -98,6 +108,7 @@ impl Pipeline {
             }
             if circuit.succeed() {
                 info!(%vendor, "{vendor} answers again: resuming its jobs");
+                self.metrics.circuit(vendor, false);
             }
             if state.is_done() {
                 break;
@@ -142,33 +153,67 @@ impl Pipeline {
     /// Sends every pending item once, in calls of at most the vendor's size, and
     /// records what happened to each.
     async fn send_round(&self, client: &VendorClient, state: &mut JobState) -> Round {
-        let limiter = self.limiters.get(client.kind());
         let pending: Vec<Item> = state.pending_items().into_iter().cloned().collect();
+        let answers = match self.batchers.get(client.kind()) {
+            Some(batcher) => Self::send_batched(batcher, pending).await,
+            None => self.send_direct(client, pending).await,
+        };
+        let mut round = Round::default();
+        for (chunk, answer) in answers {
+            match answer {
+                Ok((outcomes, http_status)) => {
+                    round.touched_vendor = true;
+                    state.last_http_status = Some(http_status);
+                    for (item, outcome) in chunk.iter().zip(outcomes) {
+                        apply_item_outcome(state, item, outcome, &mut round);
+                    }
+                }
+                Err(error) => self.apply_call_error(client, state, &chunk, error, &mut round),
+            }
+        }
+        round
+    }
+
+    /// One call per chunk of at most the vendor's size, all at once.
+    async fn send_direct(&self, client: &VendorClient, pending: Vec<Item>) -> Vec<Answer> {
+        let vendor = client.kind();
+        let limiter = self.limiters.get(vendor);
+        let metrics = &self.metrics;
         let calls = pending
             .chunks(client.max_items_per_call())
             .map(|chunk| async move {
                 // Every attempt, retries included, is charged to the rate limit.
-                limiter.acquire().await;
+                metrics.rate_limit_waited(vendor, limiter.acquire().await);
                 let refs: Vec<&Item> = chunk.iter().collect();
-                (chunk, client.send(&refs).await)
-            });
-        let mut round = Round::default();
-        for (chunk, result) in join_all(calls).await {
-            match result {
-                Ok(report) => {
-                    round.touched_vendor = true;
+                let started = std::time::Instant::now();
+                let sent = client.send(&refs).await;
+                let status = match &sent {
+                    Ok(report) => report.http_status.to_string(),
+                    Err(error) => error.status_label(),
+                };
+                metrics.vendor_call(vendor, &status, started.elapsed());
+                let answer = sent.map(|report| {
                     if let Some(quota) = report.quota {
                         limiter.observe(quota);
                     }
-                    state.last_http_status = Some(report.http_status);
-                    for (item, outcome) in chunk.iter().zip(report.outcomes) {
-                        apply_item_outcome(state, item, outcome, &mut round);
-                    }
-                }
-                Err(error) => self.apply_call_error(client, state, chunk, error, &mut round),
-            }
-        }
-        round
+                    (report.outcomes, report.http_status)
+                });
+                (chunk.to_vec(), answer)
+            });
+        join_all(calls).await
+    }
+
+    /// Each item through the vendor's batcher, which coalesces items of many jobs
+    /// into one call and charges the rate limit once per call.
+    async fn send_batched(batcher: &Batcher, pending: Vec<Item>) -> Vec<Answer> {
+        let submissions = pending.into_iter().map(|item| async move {
+            let reply = batcher.submit(item.clone()).await;
+            (
+                vec![item],
+                reply.map(|(outcome, status)| (vec![outcome], status)),
+            )
+        });
+        join_all(submissions).await
     }
 
     fn apply_call_error(

@@ -7,10 +7,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::batcher::Batcher;
 use crate::circuit::Circuits;
 use crate::job::{FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, ResultMeta};
 use crate::ledger::{Claim, Finished, Ledger, Progress, StoredDeadLetter};
 use crate::limiter::Limiters;
+use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
@@ -71,18 +73,39 @@ pub struct Pipeline {
     circuits: Arc<Circuits>,
     backoff: Backoff,
     ledger: Ledger,
+    metrics: Arc<Metrics>,
     policy: LedgerPolicy,
+    batchers: Batchers,
+}
+
+/// The batching task of each vendor that has one (`MIMECAST_BATCH_MAX` > 1).
+#[derive(Debug, Clone, Default)]
+pub struct Batchers {
+    /// Mimecast's, when batching is on.
+    pub mimecast: Option<Batcher>,
+}
+
+impl Batchers {
+    fn get(&self, vendor: crate::job::VendorKind) -> Option<&Batcher> {
+        match vendor {
+            crate::job::VendorKind::Mimecast => self.mimecast.as_ref(),
+            crate::job::VendorKind::Pncp => None,
+        }
+    }
 }
 
 impl Pipeline {
-    /// A pipeline over the configured vendors, limits and ledger.
+    /// A pipeline over the configured vendors, limits, ledger and batchers.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vendors: Vendors,
         limiters: Arc<Limiters>,
         circuits: Arc<Circuits>,
         backoff: Backoff,
         ledger: Ledger,
+        metrics: Arc<Metrics>,
         policy: LedgerPolicy,
+        batchers: Batchers,
     ) -> Self {
         Self {
             vendors,
@@ -90,7 +113,9 @@ impl Pipeline {
             circuits,
             backoff,
             ledger,
+            metrics,
             policy,
+            batchers,
         }
     }
 
@@ -107,7 +132,15 @@ impl Pipeline {
         stopping: &CancellationToken,
     ) -> Outcome {
         match crate::job::parse(body) {
-            Err(malformed) => malformed_outcome(body, malformed),
+            Err(malformed) => {
+                let vendor = malformed
+                    .vendor
+                    .clone()
+                    .unwrap_or_else(|| "unknown".to_owned());
+                self.metrics.job_finished(&vendor, "malformed", 0, 0);
+                self.metrics.dead_lettered("err_job_malformed");
+                malformed_outcome(body, malformed)
+            }
             Ok(mut job) => {
                 if let Some(replay_id) = replay_id {
                     job.ledger_key = job.id.replayed(replay_id);
@@ -124,6 +157,7 @@ impl Pipeline {
             Err(Stop) => return Outcome::HandBack,
             Ok(Err(finished)) => {
                 info!("already finished: publishing its stored outcome again without calling the vendor");
+                self.metrics.ledger_duplicate();
                 let dead_letter = finished
                     .dead_letter
                     .as_ref()
@@ -188,6 +222,15 @@ impl Pipeline {
             dead_letter,
         } = &outcome
         {
+            self.metrics.job_finished(
+                &result.vendor,
+                result.status.as_str(),
+                result.data.len(),
+                result.fail.len(),
+            );
+            if let Some(letter) = dead_letter {
+                self.metrics.dead_lettered(&letter.error_code);
+            }
             let stored = Finished {
                 result: result.clone(),
                 dead_letter: dead_letter.as_ref().map(StoredDeadLetter::from_letter),

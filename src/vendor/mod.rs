@@ -99,6 +99,22 @@ pub enum VendorError {
     },
 }
 
+impl VendorError {
+    /// The `status` label of the vendor-calls metric: the HTTP status, or what
+    /// happened instead of one.
+    pub fn status_label(&self) -> String {
+        match self {
+            Self::Unreachable(_) => "unreachable".to_owned(),
+            Self::Interrupted(_) => "interrupted".to_owned(),
+            Self::Timeout => "timeout".to_owned(),
+            Self::Throttled { .. } => "429".to_owned(),
+            Self::Credentials { status, .. }
+            | Self::Http { status, .. }
+            | Self::BadResponse { status, .. } => status.to_string(),
+        }
+    }
+}
+
 /// A configured vendor client.
 #[derive(Debug, Clone)]
 pub enum VendorClient {

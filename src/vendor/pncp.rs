@@ -45,7 +45,7 @@ impl PncpClient {
             application_key: settings.application_key.clone(),
             shared_secret: settings.shared_secret.clone(),
             media_type: settings.media_type.clone(),
-            // A task is followed for as long as one call may take, at least a minute.
+            // A task is followed for at most a minute; each poll is bounded by VENDOR_TIMEOUT.
             task_timeout: Duration::from_secs(60),
         }
     }

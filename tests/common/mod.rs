@@ -99,8 +99,10 @@ pub struct Queues {
     pub names: QueueNames,
     pub connection: Connection,
     pub channel: Channel,
-    results: Consumer,
-    dead: Consumer,
+    // Started on first use, so that `depth` counts every message until a test
+    // reads that queue.
+    results: Option<Consumer>,
+    dead: Option<Consumer>,
 }
 
 impl Queues {
@@ -128,28 +130,12 @@ impl Queues {
                 .await
                 .expect("declare");
         }
-        let consume = |queue: String| {
-            let channel = channel.clone();
-            async move {
-                channel
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .expect("consume")
-            }
-        };
-        let results = consume(names.results.clone()).await;
-        let dead = consume(names.dead.clone()).await;
         Self {
             names,
             connection,
             channel,
-            results,
-            dead,
+            results: None,
+            dead: None,
         }
     }
 
@@ -177,6 +163,18 @@ impl Queues {
             .await;
     }
 
+    async fn consumer(channel: &Channel, queue: &str) -> Consumer {
+        channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume")
+    }
+
     async fn next(consumer: &mut Consumer, what: &str) -> Delivery {
         let delivery = tokio::time::timeout(EVENT_TIMEOUT, consumer.next())
             .await
@@ -193,7 +191,11 @@ impl Queues {
 
     /// The next result, with its AMQP properties.
     pub async fn next_result_delivery(&mut self) -> Delivery {
-        Self::next(&mut self.results, "result").await
+        if self.results.is_none() {
+            self.results = Some(Self::consumer(&self.channel, &self.names.results).await);
+        }
+        let consumer = self.results.as_mut().expect("started above");
+        Self::next(consumer, "result").await
     }
 
     /// The next result, parsed.
@@ -214,7 +216,11 @@ impl Queues {
 
     /// The next dead letter.
     pub async fn next_dead_letter(&mut self) -> DeadLetter {
-        let delivery = Self::next(&mut self.dead, "dead letter").await;
+        if self.dead.is_none() {
+            self.dead = Some(Self::consumer(&self.channel, &self.names.dead).await);
+        }
+        let consumer = self.dead.as_mut().expect("started above");
+        let delivery = Self::next(consumer, "dead letter").await;
         let headers = delivery.properties.headers().clone().unwrap_or_default();
         let header = |name: &str| account_worker::broker::header_text(&headers, name);
         DeadLetter {

@@ -29,8 +29,8 @@ async fn signed_update_is_applied_and_number_of_users_adds_up() {
         .await
         .unwrap();
     assert_eq!(first.status(), 200);
-    assert_eq!(header(&first, "x-ratelimit-limit"), Some("1000"));
-    assert_eq!(header(&first, "x-ratelimit-remaining"), Some("999"));
+    assert_eq!(header(&first, "x-ratelimit-limit"), Some("1000000"));
+    assert_eq!(header(&first, "x-ratelimit-remaining"), Some("999999"));
     assert!(header(&first, "x-ratelimit-reset").is_some());
     let second = MimecastCall::new(one_item("CUS1", 25))
         .send(&client, &mock)

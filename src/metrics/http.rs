@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
@@ -43,22 +44,12 @@ async fn readyz(State(health): State<Arc<Health>>) -> (StatusCode, String) {
     }
 }
 
-async fn metrics(State(health): State<Arc<Health>>) -> String {
-    let mut text = String::new();
-    text.push_str("# HELP account_worker_jobs_in_flight Jobs being processed now.\n# TYPE account_worker_jobs_in_flight gauge\n");
-    text.push_str(&format!(
-        "account_worker_jobs_in_flight {}\n",
-        health.in_flight()
-    ));
-    text.push_str("# HELP account_worker_broker_reconnects_total Broker sessions lost and reopened.\n# TYPE account_worker_broker_reconnects_total counter\n");
-    text.push_str(&format!(
-        "account_worker_broker_reconnects_total {}\n",
-        health.reconnects()
-    ));
-    text.push_str("# HELP account_worker_ready Whether the worker takes jobs.\n# TYPE account_worker_ready gauge\n");
-    text.push_str(&format!(
-        "account_worker_ready {}\n",
-        u8::from(health.readiness().is_ok())
-    ));
-    text
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        health.metrics().render(),
+    )
 }

@@ -1,0 +1,319 @@
+//! Runs one benchmark case: a consumer child process against the real broker and
+//! the in-process mock vendor, timed from the first publish to the last result.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+
+use super::procstat;
+use crate::broker::{self, Publisher};
+use crate::config::{QueueNames, Settings};
+use crate::mock_vendor::{self, MockVendor, Vendor};
+
+/// Who consumes the jobs in a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Consumer {
+    /// `account-worker run`.
+    Worker,
+    /// One job at a time, prefetch 1, new connection per call.
+    Naive,
+    /// Ack and publish a result without any vendor call.
+    Passthrough,
+}
+
+/// One row of the benchmark.
+#[derive(Debug, Clone)]
+pub(crate) struct Case {
+    pub(crate) name: String,
+    pub(crate) consumer: Consumer,
+    pub(crate) jobs: usize,
+    pub(crate) concurrency: usize,
+    pub(crate) latency: Duration,
+    pub(crate) rate_limit: Option<&'static str>,
+    pub(crate) batch_max: usize,
+    /// The mock vendor answers 429 beyond this many calls per second.
+    pub(crate) vendor_throttle: Option<u32>,
+    /// Publish every job before the consumer starts (memory under a backlog).
+    pub(crate) backlog: bool,
+}
+
+/// What a case measured.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Measurement {
+    pub(crate) jobs: usize,
+    pub(crate) elapsed: Duration,
+    pub(crate) vendor_calls: usize,
+    pub(crate) items: usize,
+    pub(crate) throttled: usize,
+    pub(crate) peak_calls_per_second: usize,
+    pub(crate) cpu_seconds: f64,
+    pub(crate) peak_rss_mb: f64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+}
+
+impl Measurement {
+    pub(crate) fn jobs_per_second(&self) -> f64 {
+        self.jobs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub(crate) fn calls_per_second(&self) -> f64 {
+        self.vendor_calls as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub(crate) fn items_per_second(&self) -> f64 {
+        self.items as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub(crate) fn cpu_per_thousand(&self) -> f64 {
+        self.cpu_seconds / self.jobs.max(1) as f64 * 1000.0
+    }
+}
+
+/// A failure that stops the benchmark; the message says what to check.
+pub(crate) type BenchError = String;
+
+pub(crate) async fn run(
+    settings: &Settings,
+    mock: &MockVendor,
+    case: &Case,
+    work: &Path,
+) -> Result<Measurement, BenchError> {
+    mock.reset();
+    mock.set_latency(case.latency);
+    mock.set_throttle(Vendor::Mimecast, case.vendor_throttle);
+    let queue = format!(
+        "bench.{}.{}",
+        case.name.replace(' ', "-"),
+        uuid::Uuid::new_v4().simple()
+    );
+    let names = QueueNames::new(&queue).map_err(|e| e.to_string())?;
+    let connection = broker::connect(&settings.broker.amqp_url, "account-worker bench")
+        .await
+        .map_err(|e| e.to_string())?;
+    broker::declare(&connection, &names)
+        .await
+        .map_err(|e| e.to_string())?;
+    let publisher = Publisher::open(&connection, names.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let results_channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    results_channel
+        .basic_qos(2000, BasicQosOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut results = results_channel
+        .basic_consume(
+            names.results.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let mut published_at: HashMap<String, Instant> = HashMap::with_capacity(case.jobs);
+    let mut child = None;
+    if !case.backlog {
+        child = Some(spawn_consumer(case, mock, &queue, work)?);
+    }
+    let started = Instant::now();
+    publish_jobs(&publisher, &names.jobs, case.jobs, &mut published_at).await?;
+    if case.backlog {
+        child = Some(spawn_consumer(case, mock, &queue, work)?);
+    }
+    let mut child = child.ok_or("no consumer was started")?;
+    let pid = child
+        .id()
+        .ok_or("the consumer exited at once; run it by hand to see why")?;
+
+    let mut latencies = Vec::with_capacity(case.jobs);
+    let mut seen = std::collections::HashSet::with_capacity(case.jobs);
+    let deadline = Duration::from_secs(600);
+    let mut last = started;
+    while seen.len() < case.jobs {
+        let delivery = tokio::time::timeout(deadline, results.next())
+            .await
+            .map_err(|_| {
+                format!(
+                    "{}: only {} of {} results after {deadline:?}",
+                    case.name,
+                    seen.len(),
+                    case.jobs
+                )
+            })?
+            .ok_or("the results consumer ended")?
+            .map_err(|e| e.to_string())?;
+        let job_id = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        if seen.insert(job_id.clone()) {
+            last = Instant::now();
+            if let Some(at) = published_at.get(&job_id) {
+                latencies.push(last.duration_since(*at));
+            }
+        }
+    }
+    let elapsed = last.duration_since(started);
+    let cpu_seconds = procstat::cpu_seconds(pid).unwrap_or(0.0);
+    let peak_rss_mb = procstat::peak_rss_mb(pid).unwrap_or(0.0);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+
+    let requests = mock.requests();
+    let calls: Vec<_> = requests
+        .iter()
+        .filter(|r| r.vendor == Vendor::Mimecast)
+        .collect();
+    let throttled = calls.iter().filter(|r| r.status == 429).count();
+    let items = calls
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.body["data"].as_array().map_or(0, Vec::len))
+        .sum();
+    let times: Vec<u64> = calls
+        .iter()
+        .filter(|r| r.status != 429)
+        .map(|r| r.at_ms)
+        .collect();
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+
+    for name in [&names.jobs, &names.results, &names.dead] {
+        let _ = results_channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "bench case done".into()).await;
+    Ok(Measurement {
+        jobs: case.jobs,
+        elapsed,
+        vendor_calls: calls.len() - throttled,
+        items,
+        throttled,
+        peak_calls_per_second: peak_in_any_second(&times),
+        cpu_seconds,
+        peak_rss_mb,
+        p50: percentile(0.50),
+        p99: percentile(0.99),
+    })
+}
+
+/// The most calls in any one-second window, sliding over the call times (ms).
+pub(crate) fn peak_in_any_second(times_ms: &[u64]) -> usize {
+    let mut sorted = times_ms.to_vec();
+    sorted.sort_unstable();
+    let mut peak = 0;
+    let mut start = 0;
+    for end in 0..sorted.len() {
+        while sorted[end] - sorted[start] >= 1000 {
+            start += 1;
+        }
+        peak = peak.max(end - start + 1);
+    }
+    peak
+}
+
+async fn publish_jobs(
+    publisher: &Publisher,
+    queue: &str,
+    jobs: usize,
+    published_at: &mut HashMap<String, Instant>,
+) -> Result<(), BenchError> {
+    let ids: Vec<usize> = (0..jobs).collect();
+    for window in ids.chunks(500) {
+        let mut sends = Vec::with_capacity(window.len());
+        for &i in window {
+            let job_id = format!("bench-{i}");
+            let body = format!(
+                r#"{{"jobId":"{job_id}","vendor":"mimecast","data":[{{"accountCode":"ACC{i}","numberOfUsers":1,"products":[9702]}}]}}"#
+            );
+            published_at.insert(job_id, Instant::now());
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            sends.push(async move { publisher.publish(queue, body.as_bytes(), properties).await });
+        }
+        for sent in futures_util::future::join_all(sends).await {
+            sent.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn spawn_consumer(
+    case: &Case,
+    mock: &MockVendor,
+    queue: &str,
+    work: &Path,
+) -> Result<tokio::process::Child, BenchError> {
+    let binary = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut command = tokio::process::Command::new(binary);
+    match case.consumer {
+        Consumer::Worker => command.arg("run"),
+        Consumer::Naive => command.args(["bench-consumer", "naive"]),
+        Consumer::Passthrough => command.args(["bench-consumer", "passthrough"]),
+    };
+    let ledger = work.join(format!("ledger-{}", uuid::Uuid::new_v4().simple()));
+    command
+        .env("JOBS_QUEUE", queue)
+        .env("WORKER_CONCURRENCY", case.concurrency.to_string())
+        .env("MIMECAST_BASE_URL", mock.base_url())
+        .env("MIMECAST_ACCESS_KEY", mock_vendor::DEMO_MIMECAST_ACCESS_KEY)
+        .env(
+            "MIMECAST_SECRET_KEY",
+            mock_vendor::DEMO_MIMECAST_SECRET_KEY_B64,
+        )
+        .env("MIMECAST_APP_ID", mock_vendor::DEMO_MIMECAST_APP_ID)
+        .env("MIMECAST_APP_KEY", mock_vendor::DEMO_MIMECAST_APP_KEY)
+        .env("MIMECAST_RATE_LIMIT", case.rate_limit.unwrap_or(""))
+        .env("MIMECAST_BATCH_MAX", case.batch_max.to_string())
+        .env("MIMECAST_BATCH_LINGER", "20ms")
+        .env("RETRY_INITIAL_DELAY", "50ms")
+        .env("RETRY_MAX_DELAY", "2s")
+        .env("RETRY_MAX_ATTEMPTS", "20")
+        .env("LEDGER_URL", format!("file:{}", ledger.display()))
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .map_err(|e| format!("cannot start the consumer: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peak_window_counts_calls_less_than_a_second_apart() {
+        assert_eq!(peak_in_any_second(&[]), 0);
+        assert_eq!(peak_in_any_second(&[0, 50, 999, 1000, 1001]), 4);
+        assert_eq!(peak_in_any_second(&[0, 1000, 2000]), 1);
+    }
+}

@@ -1,0 +1,227 @@
+//! Per-vendor rate ceiling, 429 pause and quota slowdown, shared by every job of
+//! the process or, with `RATE_LIMIT_SCOPE=fleet`, by every worker through Redis.
+//!
+//! Every attempt, retries included, takes a turn here before it is sent, so that
+//! retries cannot escape the ceiling. A 429's reset pauses the whole vendor rather
+//! than letting each job discover the throttle on its own, and a quota running
+//! low (`X-RateLimit-Remaining`) spaces calls out before the vendor says no.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::time::Instant;
+
+use crate::config::{RateLimit, RateLimitScope, Settings};
+use crate::job::VendorKind;
+use crate::vendor::QuotaHint;
+
+mod fleet;
+mod local;
+mod slowdown;
+
+use fleet::FleetLimiter;
+use local::LocalLimiter;
+use slowdown::Reaction;
+
+/// Calls assumed to be under way at once when the caller does not say
+/// (`WORKER_CONCURRENCY`'s default).
+const DEFAULT_IN_FLIGHT: u64 = 16;
+
+/// How much later than its turn a call may reach the vendor without breaking
+/// the ceiling there: turns are spaced `(period + this) / count` apart, so a call
+/// delayed by up to this much (scheduling, network) still leaves every window
+/// of `period` with at most `count` calls. It costs 1% of a per-second ceiling.
+const JITTER_ALLOWANCE: Duration = Duration::from_millis(10);
+
+/// Why the limiters could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LimiterError {
+    /// A fleet-wide ceiling needs somewhere all workers can see.
+    #[error(
+        "RATE_LIMIT_SCOPE=fleet shares the rate limits through Redis, but LEDGER_URL is not a redis:// URL; \
+         set LEDGER_URL=redis://host:port/db (the fleet's shared ledger) or RATE_LIMIT_SCOPE=process"
+    )]
+    FleetNeedsRedis,
+}
+
+/// The limiter of one vendor.
+#[derive(Debug)]
+pub struct VendorLimiter {
+    local: LocalLimiter,
+    /// Set in the fleet scope: turns come from Redis, `local` is the fallback.
+    fleet: Option<FleetLimiter>,
+}
+
+impl VendorLimiter {
+    /// A process-scope limiter for `rate`, or only the pause and slowdown when `None`.
+    pub fn new(rate: Option<RateLimit>) -> Self {
+        Self {
+            local: LocalLimiter::new(rate.map(interval), DEFAULT_IN_FLIGHT),
+            fleet: None,
+        }
+    }
+
+    /// Waits until a call may be sent; returns how long it waited.
+    pub async fn acquire(&self) -> Duration {
+        let started = Instant::now();
+        match &self.fleet {
+            Some(fleet) => fleet.acquire(&self.local).await,
+            None => self.local.acquire().await,
+        }
+        started.elapsed()
+    }
+
+    /// Takes note of the quota the vendor reported, to slow down before it says no.
+    pub fn observe(&self, quota: QuotaHint) {
+        match self.local.slowdown.observe(quota) {
+            Reaction::Carry => {}
+            Reaction::Space { interval, for_ } => {
+                if let Some(fleet) = &self.fleet {
+                    fleet.share_spacing(interval, for_);
+                }
+            }
+            Reaction::Pause(duration) => self.pause_for(duration),
+        }
+    }
+
+    /// Holds every call to the vendor for `duration` (a 429's reset), fleet-wide
+    /// in the fleet scope.
+    pub fn pause_for(&self, duration: Duration) {
+        self.local.pause_for(duration);
+        if let Some(fleet) = &self.fleet {
+            fleet.share_pause(duration);
+        }
+    }
+}
+
+/// Time between two turns under `rate`, with no burst: calls are spread evenly
+/// so no window of `rate.per` can hold more than `rate.count` of them.
+fn interval(rate: RateLimit) -> Duration {
+    ((rate.per + JITTER_ALLOWANCE) / rate.count.get()).max(Duration::from_nanos(1))
+}
+
+/// The limiters of both vendors.
+#[derive(Debug)]
+pub struct Limiters {
+    mimecast: VendorLimiter,
+    pncp: VendorLimiter,
+}
+
+impl Limiters {
+    /// Process-scope limiters with the configured ceilings.
+    pub fn new(mimecast: Option<RateLimit>, pncp: Option<RateLimit>) -> Self {
+        Self {
+            mimecast: VendorLimiter::new(mimecast),
+            pncp: VendorLimiter::new(pncp),
+        }
+    }
+
+    /// The limiters `settings` ask for. In the fleet scope they share their
+    /// state through `redis` (the Redis ledger's connection), which must be there.
+    pub fn from_settings(
+        settings: &Settings,
+        redis: Option<ConnectionManager>,
+    ) -> Result<Self, LimiterError> {
+        let in_flight = u64::try_from(settings.broker.concurrency.get()).unwrap_or(u64::MAX);
+        let mimecast = settings.mimecast.as_ref();
+        let pncp = settings.pncp.as_ref();
+        let vendors = [
+            (
+                VendorKind::Mimecast,
+                mimecast.and_then(|m| m.rate_limit),
+                mimecast.map(|m| endpoint(&m.base_url)),
+            ),
+            (
+                VendorKind::Pncp,
+                pncp.and_then(|p| p.rate_limit),
+                pncp.map(|p| endpoint(&p.base_url)),
+            ),
+        ];
+        let redis = match settings.rate_limit_scope {
+            RateLimitScope::Process => None,
+            RateLimitScope::Fleet => Some(redis.ok_or(LimiterError::FleetNeedsRedis)?),
+        };
+        let [mimecast, pncp] = vendors.map(|(vendor, rate, endpoint)| {
+            let interval = rate.map(interval);
+            VendorLimiter {
+                local: LocalLimiter::new(interval, in_flight),
+                fleet: redis.clone().map(|connection| {
+                    let endpoint = endpoint.unwrap_or_else(|| "unconfigured".to_owned());
+                    FleetLimiter::new(vendor, &endpoint, interval, connection)
+                }),
+            }
+        });
+        Ok(Self { mimecast, pncp })
+    }
+
+    /// The limiter of one vendor.
+    pub fn get(&self, vendor: VendorKind) -> &VendorLimiter {
+        match vendor {
+            VendorKind::Mimecast => &self.mimecast,
+            VendorKind::Pncp => &self.pncp,
+        }
+    }
+}
+
+/// `host:port` of a vendor's API: the quota is the API user's at that endpoint,
+/// so it names the fleet's shared state (and keeps two endpoints apart).
+fn endpoint(url: &url::Url) -> String {
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or("-"),
+        url.port_or_known_default().unwrap_or(0)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_every_call_until_it_ends() {
+        let limiter = VendorLimiter::new(None);
+        limiter.pause_for(Duration::from_secs(2));
+        let waited = limiter.acquire().await;
+        assert!(waited >= Duration::from_secs(2), "{waited:?}");
+        assert!(limiter.acquire().await < Duration::from_millis(1));
+    }
+
+    #[test]
+    fn turns_are_spread_evenly_with_room_for_jitter() {
+        let rate = |text| interval(RateLimit::parse(text).unwrap());
+        assert_eq!(rate("20/s"), Duration::from_micros(50_500));
+        assert_eq!(rate("1000/s"), Duration::from_micros(1010));
+        assert!(rate("60/min") > Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_quota_pauses_the_vendor_until_reset() {
+        let limiter = VendorLimiter::new(None);
+        limiter.observe(QuotaHint {
+            remaining: 0,
+            reset: Duration::from_millis(700),
+        });
+        assert_eq!(limiter.acquire().await, Duration::from_millis(700));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_low_quota_slows_the_ceiling_down() {
+        let limiter = VendorLimiter::new(RateLimit::parse("100/s"));
+        limiter.observe(QuotaHint {
+            remaining: 3,
+            reset: Duration::from_millis(900),
+        });
+        let start = Instant::now();
+        for _ in 0..3 {
+            limiter.acquire().await;
+        }
+        // Three calls over the 900 ms left, not three at 10 ms apart.
+        assert_eq!(start.elapsed(), Duration::from_millis(600));
+    }
+
+    #[test]
+    fn the_fleet_scope_without_redis_names_both_settings() {
+        let message = LimiterError::FleetNeedsRedis.to_string();
+        assert!(message.contains("RATE_LIMIT_SCOPE") && message.contains("LEDGER_URL"));
+    }
+}

@@ -1,0 +1,304 @@
+//! Named events that both log and count, and the Prometheus registry behind `/metrics`.
+//!
+//! Every counter the README documents is here, so that what operators see on a
+//! dashboard and what the code records cannot drift apart.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tracing::warn;
+
+use crate::job::VendorKind;
+
+mod http;
+
+pub use http::{bind, serve};
+
+/// A vendor as a label value.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum VendorLabel {
+    mimecast,
+    pncp,
+}
+
+impl From<VendorKind> for VendorLabel {
+    fn from(vendor: VendorKind) -> Self {
+        match vendor {
+            VendorKind::Mimecast => Self::mimecast,
+            VendorKind::Pncp => Self::pncp,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VendorLabels {
+    vendor: VendorLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    vendor: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    vendor: VendorLabel,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+/// The worker's metrics; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    jobs: Family<JobLabels, Counter>,
+    items: Family<OutcomeLabels, Counter>,
+    vendor_calls: Family<CallLabels, Counter>,
+    vendor_latency: Family<VendorLabels, Histogram>,
+    retries: Family<VendorLabels, Counter>,
+    dead_letters: Family<CodeLabels, Counter>,
+    jobs_in_flight: Gauge,
+    rate_limit_wait: Family<VendorLabels, Counter<f64, AtomicU64>>,
+    ledger_duplicates: Counter,
+    broker_reconnects: Counter,
+    circuit_open: Family<VendorLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `account_worker` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("account_worker");
+        let jobs = Family::<JobLabels, Counter>::default();
+        let items = Family::<OutcomeLabels, Counter>::default();
+        let vendor_calls = Family::<CallLabels, Counter>::default();
+        let vendor_latency = Family::<VendorLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.005, 2.0, 14))) as fn() -> Histogram,
+        );
+        let retries = Family::<VendorLabels, Counter>::default();
+        let dead_letters = Family::<CodeLabels, Counter>::default();
+        let jobs_in_flight = Gauge::default();
+        let rate_limit_wait = Family::<VendorLabels, Counter<f64, AtomicU64>>::default();
+        let ledger_duplicates = Counter::default();
+        let broker_reconnects = Counter::default();
+        let circuit_open = Family::<VendorLabels, Gauge>::default();
+        registry.register(
+            "jobs",
+            "Jobs finished, by vendor and outcome (succeeded, partial, failed, malformed)",
+            jobs.clone(),
+        );
+        registry.register(
+            "items",
+            "Items finished, by outcome (succeeded, failed)",
+            items.clone(),
+        );
+        registry.register(
+            "vendor_calls",
+            "Vendor HTTP calls, by vendor and HTTP status (or timeout, unreachable, interrupted)",
+            vendor_calls.clone(),
+        );
+        registry.register(
+            "vendor_call_duration_seconds",
+            "Vendor call latency, end to end",
+            vendor_latency.clone(),
+        );
+        registry.register(
+            "retries",
+            "Retry rounds: a job sending pending items again",
+            retries.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Dead letters published, by x-error-code",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "jobs_in_flight",
+            "Jobs being processed now",
+            jobs_in_flight.clone(),
+        );
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time calls spent waiting for the rate limiter or a 429 pause",
+            rate_limit_wait.clone(),
+        );
+        registry.register("ledger_duplicates", "Deliveries of already finished jobs, answered from the ledger without calling the vendor", ledger_duplicates.clone());
+        registry.register(
+            "broker_reconnects",
+            "Broker sessions lost and reopened",
+            broker_reconnects.clone(),
+        );
+        registry.register(
+            "circuit_open",
+            "1 while a vendor's jobs are held (credentials refused or vendor unreachable)",
+            circuit_open.clone(),
+        );
+        Self {
+            registry,
+            jobs,
+            items,
+            vendor_calls,
+            vendor_latency,
+            retries,
+            dead_letters,
+            jobs_in_flight,
+            rate_limit_wait,
+            ledger_duplicates,
+            broker_reconnects,
+            circuit_open,
+        }
+    }
+
+    /// The registry in Prometheus (OpenMetrics) text form.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            warn!(error = %e, "cannot encode metrics");
+        }
+        text
+    }
+
+    /// A job finished with this outcome and these item counts.
+    pub fn job_finished(&self, vendor: &str, outcome: &str, succeeded: usize, failed: usize) {
+        self.jobs
+            .get_or_create(&JobLabels {
+                vendor: vendor.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        for (outcome, count) in [("succeeded", succeeded), ("failed", failed)] {
+            if count > 0 {
+                self.items
+                    .get_or_create(&OutcomeLabels {
+                        outcome: outcome.to_owned(),
+                    })
+                    .inc_by(count as u64);
+            }
+        }
+    }
+
+    /// One vendor call ended with `status` after `elapsed`.
+    pub fn vendor_call(&self, vendor: VendorKind, status: &str, elapsed: Duration) {
+        self.vendor_calls
+            .get_or_create(&CallLabels {
+                vendor: vendor.into(),
+                status: status.to_owned(),
+            })
+            .inc();
+        self.vendor_latency
+            .get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A job sends pending items again.
+    pub fn retry(&self, vendor: VendorKind) {
+        self.retries
+            .get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            })
+            .inc();
+    }
+
+    /// A dead letter was confirmed by the broker.
+    pub fn dead_lettered(&self, code: &str) {
+        self.dead_letters
+            .get_or_create(&CodeLabels {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A job started (+1) or ended (-1).
+    pub fn in_flight(&self, delta: i64) {
+        self.jobs_in_flight.inc_by(delta);
+    }
+
+    /// Jobs being processed now.
+    pub fn jobs_in_flight(&self) -> i64 {
+        self.jobs_in_flight.get()
+    }
+
+    /// A call waited this long for its rate-limit token.
+    pub fn rate_limit_waited(&self, vendor: VendorKind, waited: Duration) {
+        if !waited.is_zero() {
+            self.rate_limit_wait
+                .get_or_create(&VendorLabels {
+                    vendor: vendor.into(),
+                })
+                .inc_by(waited.as_secs_f64());
+        }
+    }
+
+    /// A finished job was delivered again and answered from the ledger.
+    pub fn ledger_duplicate(&self) {
+        self.ledger_duplicates.inc();
+    }
+
+    /// The broker session was lost.
+    pub fn broker_reconnect(&self) {
+        self.broker_reconnects.inc();
+    }
+
+    /// Broker sessions lost so far.
+    pub fn broker_reconnects(&self) -> u64 {
+        self.broker_reconnects.get()
+    }
+
+    /// A vendor's circuit opened or closed.
+    pub fn circuit(&self, vendor: VendorKind, open: bool) {
+        self.circuit_open
+            .get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            })
+            .set(i64::from(open));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_metrics_carry_the_documented_names() {
+        let metrics = Metrics::new();
+        metrics.job_finished("mimecast", "partial", 1, 1);
+        metrics.vendor_call(VendorKind::Mimecast, "200", Duration::from_millis(12));
+        metrics.dead_lettered("err_account_not_found");
+        metrics.circuit(VendorKind::Pncp, true);
+        let text = metrics.render();
+        for line in [
+            "account_worker_jobs_total{vendor=\"mimecast\",outcome=\"partial\"} 1",
+            "account_worker_items_total{outcome=\"failed\"} 1",
+            "account_worker_vendor_calls_total{vendor=\"mimecast\",status=\"200\"} 1",
+            "account_worker_dead_letters_total{code=\"err_account_not_found\"} 1",
+            "account_worker_circuit_open{vendor=\"pncp\"} 1",
+            "account_worker_vendor_call_duration_seconds_count{vendor=\"mimecast\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}
