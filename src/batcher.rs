@@ -89,12 +89,19 @@ async fn run(
         let waited = limiters.get(vendor).acquire().await;
         metrics.rate_limit_waited(vendor, waited);
         // Calls run concurrently; the next batch fills while this one is out.
-        tokio::spawn(send(client.clone(), metrics.clone(), vendor, batch));
+        tokio::spawn(send(
+            client.clone(),
+            limiters.clone(),
+            metrics.clone(),
+            vendor,
+            batch,
+        ));
     }
 }
 
 async fn send(
     client: Arc<VendorClient>,
+    limiters: Arc<Limiters>,
     metrics: Arc<Metrics>,
     vendor: VendorKind,
     batch: Vec<Submission>,
@@ -108,6 +115,11 @@ async fn send(
         Err(error) => error.status_label(),
     };
     metrics.vendor_call(vendor, &status, started.elapsed());
+    match &sent {
+        Ok(report) => limiters.get(vendor).call_answered(report.quota),
+        Err(VendorError::Throttled { .. }) => {}
+        Err(_) => limiters.get(vendor).call_answered(None),
+    }
     match sent {
         Ok(report) => {
             let http_status = report.http_status;

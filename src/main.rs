@@ -70,11 +70,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             jobs,
             backlog,
             chart,
+            only,
         } => {
             let options = bench::BenchOptions {
                 jobs,
                 backlog,
                 chart,
+                only,
             };
             bench::run(&settings, options)
                 .await

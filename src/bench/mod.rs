@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub backlog: usize,
     /// Where the throughput-versus-concurrency chart is written.
     pub chart: PathBuf,
+    /// Only the cases whose name contains this text.
+    pub only: Option<String>,
 }
 
 fn worker(name: &str, jobs: usize, concurrency: usize, latency_ms: u64) -> Case {
@@ -127,7 +129,13 @@ pub async fn run(settings: &Settings, options: BenchOptions) -> Result<(), Strin
     std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
 
     let mut rows: Vec<(&str, Case, Measurement)> = Vec::new();
-    for (group, case) in cases(&options) {
+    let selected = cases(&options).into_iter().filter(|(_, case)| {
+        options
+            .only
+            .as_ref()
+            .is_none_or(|only| case.name.contains(only.as_str()))
+    });
+    for (group, case) in selected {
         eprintln!("bench: {} ({} jobs)…", case.name, case.jobs);
         let measured = case::run(settings, &mock, &case, &work).await?;
         eprintln!("bench:   {:.0} jobs/s", measured.jobs_per_second());

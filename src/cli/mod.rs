@@ -99,6 +99,9 @@ pub enum Command {
         /// Where to write the throughput-versus-concurrency chart.
         #[arg(long, default_value = "docs/throughput.svg")]
         chart: PathBuf,
+        /// Run only the cases whose name contains this text (e.g. `20ps`, `50ms`).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// A reference consumer for `bench` (naive or pass-through); not for production.
     #[command(hide = true)]

@@ -112,7 +112,8 @@ impl FleetLimiter {
             // This process's own pause is known without asking Redis.
             local.wait_out_pause().await;
             if self.degraded() {
-                return local.acquire().await;
+                local.acquire().await;
+                return;
             }
             match self.ask().await {
                 Ok(wait) => {
@@ -127,7 +128,8 @@ impl FleetLimiter {
                 }
                 Err(reason) => {
                     self.degrade(&reason);
-                    return local.acquire().await;
+                    local.acquire().await;
+                    return;
                 }
             }
         }

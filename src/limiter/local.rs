@@ -50,10 +50,13 @@ impl LocalLimiter {
     }
 
     /// Waits out the pause, the slowdown and the ceiling; returns once a call may go.
-    pub(super) async fn acquire(&self) {
+    /// Waits for a turn; returns whether it came at the end of a slowed-down
+    /// quota window, when the new window's quota is not known yet.
+    pub(super) async fn acquire(&self) -> bool {
+        let mut rolled_over = false;
         loop {
             self.wait_out_pause().await;
-            self.slowdown.wait_turn().await;
+            rolled_over |= self.slowdown.wait_turn().await;
             if let Some(ceiling) = &self.ceiling {
                 while let Err(not_until) = ceiling.check() {
                     let wait = not_until.wait_time_from(TokioClock.now());
@@ -62,7 +65,7 @@ impl LocalLimiter {
             }
             // A 429 may have arrived while this call waited for its turn.
             if self.pause_deadline().is_none() {
-                return;
+                return rolled_over;
             }
         }
     }

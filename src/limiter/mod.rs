@@ -17,10 +17,12 @@ use crate::vendor::QuotaHint;
 
 mod fleet;
 mod local;
+mod probe;
 mod slowdown;
 
 use fleet::FleetLimiter;
 use local::LocalLimiter;
+use probe::ProbeGate;
 use slowdown::Reaction;
 
 /// Calls assumed to be under way at once when the caller does not say
@@ -30,8 +32,9 @@ const DEFAULT_IN_FLIGHT: u64 = 16;
 /// How much later than its turn a call may reach the vendor without breaking
 /// the ceiling there: turns are spaced `(period + this) / count` apart, so a call
 /// delayed by up to this much (scheduling, network) still leaves every window
-/// of `period` with at most `count` calls. It costs 1% of a per-second ceiling.
-const JITTER_ALLOWANCE: Duration = Duration::from_millis(10);
+/// of `period` with at most `count` calls. It costs 2.5% of a per-second
+/// ceiling; 10 ms proved too little when a new pooled connection delays a call.
+const JITTER_ALLOWANCE: Duration = Duration::from_millis(25);
 
 /// Why the limiters could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,8 @@ pub struct VendorLimiter {
     local: LocalLimiter,
     /// Set in the fleet scope: turns come from Redis, `local` is the fallback.
     fleet: Option<FleetLimiter>,
+    /// After a 429 pause, lets one call go before the rest.
+    gate: ProbeGate,
 }
 
 impl VendorLimiter {
@@ -58,17 +63,39 @@ impl VendorLimiter {
         Self {
             local: LocalLimiter::new(rate.map(interval), DEFAULT_IN_FLIGHT),
             fleet: None,
+            gate: ProbeGate::default(),
         }
     }
 
     /// Waits until a call may be sent; returns how long it waited.
     pub async fn acquire(&self) -> Duration {
         let started = Instant::now();
-        match &self.fleet {
-            Some(fleet) => fleet.acquire(&self.local).await,
-            None => self.local.acquire().await,
+        loop {
+            match &self.fleet {
+                Some(fleet) => fleet.acquire(&self.local).await,
+                None => {
+                    if self.local.acquire().await {
+                        // A new quota window: learn its size from one call first.
+                        self.gate.arm();
+                    }
+                }
+            }
+            // A call held behind the post-429 probe takes a fresh turn, paced by
+            // the quota the probe's answer reported.
+            if !self.gate.pass().await {
+                break;
+            }
         }
         started.elapsed()
+    }
+
+    /// A call came back (any answer but a 429): its quota headers, if any, pace
+    /// the next calls, and calls held behind a post-429 probe may go.
+    pub fn call_answered(&self, quota: Option<QuotaHint>) {
+        if let Some(quota) = quota {
+            self.observe(quota);
+        }
+        self.gate.answered();
     }
 
     /// Takes note of the quota the vendor reported, to slow down before it says no.
@@ -87,6 +114,7 @@ impl VendorLimiter {
     /// Holds every call to the vendor for `duration` (a 429's reset), fleet-wide
     /// in the fleet scope.
     pub fn pause_for(&self, duration: Duration) {
+        self.gate.arm();
         self.local.pause_for(duration);
         if let Some(fleet) = &self.fleet {
             fleet.share_pause(duration);
@@ -149,6 +177,7 @@ impl Limiters {
                     let endpoint = endpoint.unwrap_or_else(|| "unconfigured".to_owned());
                     FleetLimiter::new(vendor, &endpoint, interval, connection)
                 }),
+                gate: ProbeGate::default(),
             }
         });
         Ok(Self { mimecast, pncp })
@@ -183,14 +212,16 @@ mod tests {
         limiter.pause_for(Duration::from_secs(2));
         let waited = limiter.acquire().await;
         assert!(waited >= Duration::from_secs(2), "{waited:?}");
+        // The call after a 429 pause goes alone; once it is answered, the rest go.
+        limiter.call_answered(None);
         assert!(limiter.acquire().await < Duration::from_millis(1));
     }
 
     #[test]
     fn turns_are_spread_evenly_with_room_for_jitter() {
         let rate = |text| interval(RateLimit::parse(text).unwrap());
-        assert_eq!(rate("20/s"), Duration::from_micros(50_500));
-        assert_eq!(rate("1000/s"), Duration::from_micros(1010));
+        assert_eq!(rate("20/s"), Duration::from_micros(51_250));
+        assert_eq!(rate("1000/s"), Duration::from_micros(1025));
         assert!(rate("60/min") > Duration::from_secs(1));
     }
 

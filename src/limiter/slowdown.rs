@@ -95,10 +95,12 @@ impl Slowdown {
     }
 
     /// Waits for this call's turn while a spacing holds; returns at once otherwise.
-    pub(super) async fn wait_turn(&self) {
+    /// Returns whether the turn fell at the end of the spaced window.
+    pub(super) async fn wait_turn(&self) -> bool {
         if !self.active.load(Ordering::Acquire) {
-            return;
+            return false;
         }
+        let mut rolled_over = false;
         let turn = {
             let now = Instant::now();
             let mut spacing = self.spacing.lock().unwrap_or_else(|p| p.into_inner());
@@ -106,7 +108,9 @@ impl Slowdown {
                 Some(s) if now < s.until => {
                     let turn = s.next.max(now);
                     if turn >= s.until {
-                        // The quota is back by then: no turn is needed past reset.
+                        // The quota is back by then: no turn is needed past reset,
+                        // but the new window's size is unknown until a call answers.
+                        rolled_over = true;
                         Some(s.until)
                     } else {
                         *spacing = Some(Spacing {
@@ -126,6 +130,7 @@ impl Slowdown {
         if let Some(turn) = turn {
             tokio::time::sleep_until(turn).await;
         }
+        rolled_over
     }
 }
 

@@ -192,12 +192,12 @@ impl Pipeline {
                     Err(error) => error.status_label(),
                 };
                 metrics.vendor_call(vendor, &status, started.elapsed());
-                let answer = sent.map(|report| {
-                    if let Some(quota) = report.quota {
-                        limiter.observe(quota);
-                    }
-                    (report.outcomes, report.http_status)
-                });
+                match &sent {
+                    Ok(report) => limiter.call_answered(report.quota),
+                    Err(VendorError::Throttled { .. }) => {}
+                    Err(_) => limiter.call_answered(None),
+                }
+                let answer = sent.map(|report| (report.outcomes, report.http_status));
                 (chunk.to_vec(), answer)
             });
         join_all(calls).await

@@ -1,0 +1,117 @@
+//! After a 429 pause, one call goes first and the rest wait for its answer.
+//!
+//! Without this, every call that queued up during the pause is released at the
+//! same instant and the vendor answers most of them 429 again. The first answer
+//! carries fresh quota headers, which the slowdown then paces the rest by.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How long the others wait for the first call's answer before going anyway.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+pub(super) struct ProbeGate {
+    armed: AtomicBool,
+    /// When the call that went first stops holding the others back.
+    probe_until: Mutex<Option<Instant>>,
+    answered: Notify,
+}
+
+impl ProbeGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.probe_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A 429 arrived, or a slowed-down quota window ended: the next call goes
+    /// alone. Arming an armed gate changes nothing, so many callers may do it.
+    pub(super) fn arm(&self) {
+        if self
+            .armed
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            *self.lock() = None;
+        }
+    }
+
+    /// A response with quota headers (or the timeout) ends the wait.
+    pub(super) fn answered(&self) {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            *self.lock() = None;
+            self.answered.notify_waiters();
+        }
+    }
+
+    /// Returns at once unless armed; then the first caller goes, the others
+    /// wait for its answer or the timeout. Returns whether this caller waited,
+    /// in which case it must take a fresh turn under the pacing that answer set.
+    pub(super) async fn pass(&self) -> bool {
+        let mut waited = false;
+        loop {
+            if !self.armed.load(Ordering::Acquire) {
+                return waited;
+            }
+            let notified = self.answered.notified();
+            let wait_until = {
+                let mut probe = self.lock();
+                match *probe {
+                    None => {
+                        *probe = Some(Instant::now() + PROBE_TIMEOUT);
+                        return waited;
+                    }
+                    Some(until) if until <= Instant::now() => {
+                        drop(probe);
+                        self.answered();
+                        return waited;
+                    }
+                    Some(until) => until,
+                }
+            };
+            waited = true;
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(wait_until) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_429_one_call_goes_and_the_rest_wait_for_its_answer() {
+        let gate = Arc::new(ProbeGate::default());
+        assert!(!gate.pass().await);
+        gate.arm();
+        assert!(!gate.pass().await, "the first call goes at once");
+        let second = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.pass().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !second.is_finished(),
+            "the second call waits for the first's answer"
+        );
+        gate.answered();
+        assert!(second.await.unwrap(), "the second call waited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_answer_releases_the_others_after_the_timeout() {
+        let gate = ProbeGate::default();
+        gate.arm();
+        gate.pass().await;
+        let started = Instant::now();
+        gate.pass().await;
+        assert!(started.elapsed() >= PROBE_TIMEOUT);
+    }
+}
