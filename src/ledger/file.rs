@@ -24,6 +24,8 @@ struct Row {
     entry: Entry,
 }
 
+/// Page cache of the ledger file.
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// Most changes committed in one transaction.
 const MAX_GROUP: usize = 512;
 /// How often expired entries are swept while the worker runs.
@@ -82,7 +84,12 @@ impl FileLedger {
             std::fs::create_dir_all(parent)
                 .map_err(|e| error(format!("cannot create its directory ({e})")))?;
         }
-        let db = Database::create(path).map_err(|e| {
+        // A bounded page cache: the ledger's working set is the jobs in flight,
+        // not the whole retention period, and memory must not grow with it.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| {
             error(format!(
                 "cannot open ({e}); a file ledger serves one worker process: give each worker its own LEDGER_URL=file:PATH, or share a redis:// ledger across a fleet"
             ))

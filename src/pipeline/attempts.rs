@@ -53,15 +53,21 @@ impl Pipeline {
                 pass = circuit.pass() => pass,
                 _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
             };
-            // The in-flight marker must be stored before anything is sent: it is
-            // what keeps a redelivery from sending an additive item again.
+            // The in-flight marker must be stored before an additive item is sent:
+            // it is what keeps a redelivery from sending it again. Idempotent
+            // items are simply resent, so they need no marker (and no fsync).
             let pending = state.pending_items();
+            let needs_marker = pending.iter().any(|item| item.is_additive());
             let in_flight = state.progress(&pending);
-            if let Err(e) = self
-                .ledger
-                .checkpoint(&state.job.ledger_key, owner, &in_flight)
-                .await
-            {
+            let marked = match needs_marker {
+                true => {
+                    self.ledger
+                        .checkpoint(&state.job.ledger_key, owner, &in_flight)
+                        .await
+                }
+                false => Ok(()),
+            };
+            if let Err(e) = marked {
                 warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -75,8 +81,11 @@ impl Pipeline {
             }
             let round = self.send_round(client, state).await;
             touched_vendor |= round.touched_vendor;
-            // Record what the round settled and that nothing is in flight any more.
-            self.record_progress(state, owner).await;
+            // Record what the round settled and that nothing is in flight any
+            // more; a finished job's outcome is stored right after instead.
+            if !state.is_done() {
+                self.record_progress(state, owner).await;
+            }
             if let Some(error) = round.vendor_wide {
                 // Not the job's fault and nothing was executed: the round does not
                 // count against the job's attempts.
