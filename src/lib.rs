@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod limiter;
 pub mod metrics;
 pub mod mock_vendor;
+pub mod ordering;
 pub mod pipeline;
 pub mod retry;
 pub mod shutdown;

@@ -20,9 +20,11 @@ use crate::broker::{self, BrokerError, Publisher};
 use crate::circuit::Circuits;
 use crate::config::Settings;
 use crate::health::Health;
+use crate::job::{Job, Malformed};
 use crate::ledger::{Ledger, LedgerError};
 use crate::limiter::{LimiterError, Limiters};
 use crate::metrics::Metrics;
+use crate::ordering::{AccountOrder, Place};
 use crate::pipeline::{Batchers, LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
@@ -65,6 +67,7 @@ enum SessionEnd {
 #[derive(Debug, Clone)]
 pub struct Worker {
     settings: Arc<Settings>,
+    order: Arc<AccountOrder>,
     circuits: Arc<Circuits>,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
@@ -112,6 +115,7 @@ impl Worker {
         ));
         Ok(Self {
             settings: Arc::new(settings),
+            order: Arc::new(AccountOrder::default()),
             circuits: circuits.clone(),
             pipeline,
             health: Arc::new(Health::new(circuits, metrics)),
@@ -198,10 +202,19 @@ impl Worker {
                 _ = shutdown.cancelled() => break None,
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
+                        // Parsed here, in delivery order, so that each job takes its
+                        // place behind earlier jobs of the same accounts.
+                        let parsed = crate::job::parse(&delivery.data);
+                        let place = self.order.enter(match &parsed {
+                            Ok(job) => job.items.iter().map(|item| format!("{}:{}", job.vendor, item.account)).collect(),
+                            Err(_) => Vec::new(),
+                        });
                         let worker = self.clone();
                         let publisher = publisher.clone();
                         let stopping = stopping.clone();
-                        tasks.spawn(async move { worker.handle(delivery, &publisher, &stopping).await });
+                        tasks.spawn(async move {
+                            worker.handle(delivery, parsed, place, &publisher, &stopping).await
+                        });
                     }
                     Some(Err(e)) => break Some(BrokerError::Channel(e)),
                     None => break Some(BrokerError::NotConfirmed {
@@ -254,29 +267,39 @@ impl Worker {
     async fn handle(
         &self,
         delivery: Delivery,
+        parsed: Result<Job, Malformed>,
+        mut place: Place,
         publisher: &Publisher,
         stopping: &CancellationToken,
     ) {
         let metrics = self.health.metrics();
         metrics.in_flight(1);
+        let my_turn = tokio::select! {
+            _ = place.wait_turn() => true,
+            _ = stopping.cancelled() => false,
+        };
         let replay_id = delivery
             .properties
             .headers()
             .as_ref()
             .and_then(|headers| crate::broker::header_text(headers, REPLAY_HEADER));
-        let processing = std::panic::AssertUnwindSafe(self.pipeline.process(
+        let processing = std::panic::AssertUnwindSafe(self.pipeline.process_parsed(
             &delivery.data,
+            parsed,
             replay_id.as_deref(),
             stopping,
         ));
         // A bug must not leave the delivery unacked forever: hand it back, and the
         // ledger's delivery count turns a job that keeps crashing into a dead letter.
-        let outcome = futures_util::FutureExt::catch_unwind(processing)
-            .await
-            .unwrap_or_else(|_| {
-                error!("job processing panicked; handing the job back to the broker");
-                Outcome::HandBack
-            });
+        let outcome = match my_turn {
+            false => Outcome::HandBack,
+            true => futures_util::FutureExt::catch_unwind(processing)
+                .await
+                .unwrap_or_else(|_| {
+                    error!("job processing panicked; handing the job back to the broker");
+                    Outcome::HandBack
+                }),
+        };
         let settled = match outcome {
             Outcome::HandBack => delivery
                 .acker

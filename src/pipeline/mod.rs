@@ -131,7 +131,20 @@ impl Pipeline {
         replay_id: Option<&str>,
         stopping: &CancellationToken,
     ) -> Outcome {
-        match crate::job::parse(body) {
+        self.process_parsed(body, crate::job::parse(body), replay_id, stopping)
+            .await
+    }
+
+    /// As [`Pipeline::process`], for a body the caller already parsed (the
+    /// worker parses on delivery to keep each account's jobs in order).
+    pub async fn process_parsed(
+        &self,
+        body: &[u8],
+        parsed: Result<Job, Malformed>,
+        replay_id: Option<&str>,
+        stopping: &CancellationToken,
+    ) -> Outcome {
+        match parsed {
             Err(malformed) => {
                 let vendor = malformed
                     .vendor
