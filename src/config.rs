@@ -47,6 +47,7 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 struct RawSettings {
     amqp_url: String,
     jobs_queue: String,
+    consume_queues: String,
     worker_concurrency: String,
     mimecast_base_url: String,
     mimecast_access_key: String,
@@ -80,6 +81,7 @@ struct RawSettings {
 const KEYS: &[&str] = &[
     "amqp_url",
     "jobs_queue",
+    "consume_queues",
     "worker_concurrency",
     "mimecast_base_url",
     "mimecast_access_key",
@@ -139,8 +141,11 @@ pub struct Settings {
 pub struct BrokerSettings {
     /// Broker URL; may carry a password, so it is shown only through [`redact_url`].
     pub amqp_url: SecretString,
-    /// Queue the jobs are consumed from.
+    /// The jobs queue and the results and dead-letter queues named after it.
     pub jobs_queue: QueueNames,
+    /// Queues consumed: the jobs queue, or the shards an operator routes jobs to
+    /// by account (see the README's per-account ordering section).
+    pub consume_queues: Vec<String>,
     /// Jobs handled at once; also the prefetch.
     pub concurrency: NonZeroUsize,
     /// Deliveries of one job before it is dead-lettered as poison.
@@ -346,9 +351,30 @@ impl Settings {
 
     fn from_raw(raw: RawSettings) -> Result<Self, ConfigError> {
         let amqp_url = parse_amqp_url(&raw.amqp_url)?;
+        let jobs_queue = QueueNames::new(raw.jobs_queue.trim())?;
+        let mut consume_queues: Vec<String> = raw
+            .consume_queues
+            .split(',')
+            .map(str::trim)
+            .filter(|q| !q.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if consume_queues.is_empty() {
+            consume_queues.push(jobs_queue.jobs.clone());
+        }
+        if let Some(bad) = consume_queues
+            .iter()
+            .find(|q| q.len() > 255 || q.starts_with("amq."))
+        {
+            return Err(invalid(
+                "CONSUME_QUEUES",
+                format!("{bad:?} is not a usable queue name (at most 255 bytes, not amq.*)"),
+            ));
+        }
         let broker = BrokerSettings {
             amqp_url,
-            jobs_queue: QueueNames::new(raw.jobs_queue.trim())?,
+            jobs_queue,
+            consume_queues,
             concurrency: parse_bounded("WORKER_CONCURRENCY", &raw.worker_concurrency, 1, 4096)
                 .map(|n| NonZeroUsize::new(n as usize).unwrap_or(NonZeroUsize::MIN))?,
             max_deliveries: parse_bounded("MAX_DELIVERIES", &raw.max_deliveries, 1, 1000)
@@ -650,6 +676,7 @@ mod tests {
             "account-updates.results"
         );
         assert_eq!(settings.broker.jobs_queue.dead, "account-updates.dead");
+        assert_eq!(settings.broker.consume_queues, vec!["account-updates"]);
         assert_eq!(settings.broker.concurrency.get(), 16);
         assert!(settings.mimecast.is_none());
         assert!(settings.pncp.is_none());
@@ -676,6 +703,9 @@ mod tests {
         assert_eq!(s.broker.concurrency.get(), 3);
         let s = load(&[("JOBS_QUEUE", "q1")]).unwrap();
         assert_eq!(s.broker.jobs_queue.dead, "q1.dead");
+        assert_eq!(s.broker.consume_queues, vec!["q1"]);
+        let s = load(&[("CONSUME_QUEUES", "q.0, q.1")]).unwrap();
+        assert_eq!(s.broker.consume_queues, vec!["q.0", "q.1"]);
         let s = load(&[("MIMECAST_RATE_LIMIT", "20/s")]).unwrap();
         assert!(s.mimecast.is_none());
         let s = load(&[("PNCP_RATE_LIMIT", "120/min")]).unwrap();

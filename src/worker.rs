@@ -178,21 +178,31 @@ impl Worker {
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())
                 .await?;
-            let consumer = channel
-                .basic_consume(
-                    broker.jobs_queue.jobs.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((channel, consumer))
+            let mut consumers = Vec::with_capacity(broker.consume_queues.len());
+            for queue in &broker.consume_queues {
+                if queue != &broker.jobs_queue.jobs {
+                    broker::declare_consumed(&connection, queue).await?;
+                }
+                consumers.push(
+                    channel
+                        .basic_consume(
+                            queue.as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await?,
+                );
+            }
+            Ok::<_, BrokerError>((channel, consumers))
         };
-        let (channel, mut consumer) = match consumer.await {
+        let (channel, consumers) = match consumer.await {
             Ok(pair) => pair,
-            Err(e) => return SessionEnd::Lost(e.into()),
+            Err(e) => return SessionEnd::Lost(e),
         };
-        info!(queue = %broker.jobs_queue.jobs, concurrency = broker.concurrency.get(), "consuming jobs");
+        let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();
+        let mut consumer = futures_util::stream::select_all(consumers);
+        info!(queues = ?broker.consume_queues, concurrency = broker.concurrency.get(), "consuming jobs");
         self.health.set_consuming(true);
 
         let stopping = CancellationToken::new();
@@ -242,9 +252,11 @@ impl Worker {
             "stopping: no new jobs; waiting for in-flight ones"
         );
         self.health.set_consuming(false);
-        let _ = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+        for tag in tags {
+            let _ = channel
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await;
+        }
         stopping.cancel();
         let drained = tokio::time::timeout(self.settings.shutdown_timeout, async {
             while tasks.join_next().await.is_some() {}

@@ -8,7 +8,7 @@ mod publisher;
 mod topology;
 
 pub use publisher::Publisher;
-pub use topology::declare;
+pub use topology::{declare, declare_consumed};
 
 /// A broker operation that failed; every message says what to check.
 #[derive(Debug, thiserror::Error)]

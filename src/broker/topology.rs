@@ -35,6 +35,12 @@ pub async fn declare(connection: &Connection, queues: &QueueNames) -> Result<(),
     Ok(())
 }
 
+/// Declares a queue the worker consumes besides the jobs queue (a shard); one
+/// an operator made with other arguments (single active consumer) is used as is.
+pub async fn declare_consumed(connection: &Connection, name: &str) -> Result<(), BrokerError> {
+    declare_one(connection, name).await.map(|_| ())
+}
+
 /// How a queue declaration went.
 #[derive(Debug, PartialEq, Eq)]
 enum Declared {
