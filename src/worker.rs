@@ -46,12 +46,12 @@ pub enum WorkerError {
     #[error(transparent)]
     Limiter(#[from] LimiterError),
     /// The metrics endpoint could not be served.
-    #[error("cannot serve METRICS_ADDR {addr}: {source}; choose a free address")]
+    #[error("cannot serve METRICS_ADDR {addr}: {cause}; choose a free address")]
     Metrics {
         /// The address.
         addr: std::net::SocketAddr,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

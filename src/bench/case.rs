@@ -41,6 +41,8 @@ pub(crate) struct Case {
     pub(crate) vendor_throttle: Option<u32>,
     /// Publish every job before the consumer starts (memory under a backlog).
     pub(crate) backlog: bool,
+    /// Items in each job (one account each).
+    pub(crate) items_per_job: usize,
 }
 
 /// What a case measured.
@@ -131,7 +133,7 @@ pub(crate) async fn run(
         child = Some(spawn_consumer(case, mock, &queue, work)?);
     }
     let started = Instant::now();
-    publish_jobs(&publisher, &names.jobs, case.jobs, &mut published_at).await?;
+    publish_jobs(&publisher, &names.jobs, case, &mut published_at).await?;
     if case.backlog {
         child = Some(spawn_consumer(case, mock, &queue, work)?);
     }
@@ -240,16 +242,22 @@ pub(crate) fn peak_in_any_second(times_ms: &[u64]) -> usize {
 async fn publish_jobs(
     publisher: &Publisher,
     queue: &str,
-    jobs: usize,
+    case: &Case,
     published_at: &mut HashMap<String, Instant>,
 ) -> Result<(), BenchError> {
-    let ids: Vec<usize> = (0..jobs).collect();
+    let ids: Vec<usize> = (0..case.jobs).collect();
     for window in ids.chunks(500) {
         let mut sends = Vec::with_capacity(window.len());
         for &i in window {
             let job_id = format!("bench-{i}");
+            let items: Vec<String> = (0..case.items_per_job)
+                .map(|n| {
+                    format!(r#"{{"accountCode":"ACC{i}-{n}","numberOfUsers":1,"products":[9702]}}"#)
+                })
+                .collect();
             let body = format!(
-                r#"{{"jobId":"{job_id}","vendor":"mimecast","data":[{{"accountCode":"ACC{i}","numberOfUsers":1,"products":[9702]}}]}}"#
+                r#"{{"jobId":"{job_id}","vendor":"mimecast","data":[{}]}}"#,
+                items.join(",")
             );
             published_at.insert(job_id, Instant::now());
             let properties = BasicProperties::default()

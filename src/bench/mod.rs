@@ -40,6 +40,7 @@ fn worker(name: &str, jobs: usize, concurrency: usize, latency_ms: u64) -> Case 
         batch_max: 1,
         vendor_throttle: None,
         backlog: false,
+        items_per_job: 1,
     }
 }
 
@@ -61,6 +62,13 @@ fn cases(options: &BenchOptions) -> Vec<(&'static str, Case)> {
             Case {
                 consumer: Consumer::Naive,
                 ..worker("naive-0ms", n.min(2000), 1, 0)
+            },
+        ),
+        (
+            "0 ms",
+            Case {
+                items_per_job: 10,
+                ..worker("worker-0ms-c64-10items", n / 4, 64, 0)
             },
         ),
         (
@@ -168,6 +176,10 @@ fn print_table(rows: &[(&str, Case, Measurement)]) {
             (Some(rate), batch) => format!("{rate}, batch {batch}"),
             (None, _) if case.backlog => format!("backlog {}", case.jobs),
             _ => "-".to_owned(),
+        };
+        let group = match case.items_per_job {
+            1 => group.to_string(),
+            items => format!("{group}, {items} items/job"),
         };
         println!(
             "| {group} | {} | {} | {limit} | {} | {:.0} | {:.1} ({}) | {:.1} | {} | {:.3} | {:.1} | {:.0} | {:.0} |",

@@ -14,20 +14,20 @@ pub use topology::{declare, declare_consumed};
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// The connection could not be opened.
-    #[error("cannot connect to RabbitMQ at {url} ({source}); check AMQP_URL, that the broker is running, and the user's permissions on the vhost")]
+    #[error("cannot connect to RabbitMQ at {url} ({cause}); check AMQP_URL, that the broker is running, and the user's permissions on the vhost")]
     Connect {
         /// The URL with its password hidden.
         url: String,
-        /// The cause.
-        source: lapin::Error,
+        /// The cause: printed in the message, so not chained as a source too.
+        cause: lapin::Error,
     },
     /// Declaring or checking a queue failed.
-    #[error("cannot declare queue {queue} ({source}); check the user's configure permission on the vhost")]
+    #[error("cannot declare queue {queue} ({cause}); check the user's configure permission on the vhost")]
     Topology {
         /// The queue.
         queue: String,
-        /// The cause.
-        source: lapin::Error,
+        /// The cause: printed in the message, so not chained as a source too.
+        cause: lapin::Error,
     },
     /// A publish was refused (nack), returned unroutable, or the channel failed before its confirm.
     #[error("publish to {queue} not confirmed: {reason}")]
@@ -48,9 +48,9 @@ pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, Broke
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url.expose_secret(), properties)
         .await
-        .map_err(|source| BrokerError::Connect {
+        .map_err(|cause| BrokerError::Connect {
             url: crate::config::redact_url(url.expose_secret()),
-            source,
+            cause,
         })
 }
 

@@ -51,9 +51,9 @@ enum Declared {
 }
 
 async fn declare_one(connection: &Connection, name: &str) -> Result<Declared, BrokerError> {
-    let topology = |source| BrokerError::Topology {
+    let topology = |cause| BrokerError::Topology {
         queue: name.to_owned(),
-        source,
+        cause,
     };
     let channel = connection.create_channel().await?;
     let declared = channel

@@ -339,9 +339,9 @@ async fn waiting(channel: &Channel, queue: &str) -> Result<usize, BrokerError> {
             FieldTable::default(),
         )
         .await
-        .map_err(|source| BrokerError::Topology {
+        .map_err(|cause| BrokerError::Topology {
             queue: queue.to_owned(),
-            source,
+            cause,
         })?;
     Ok(declared.message_count() as usize)
 }
