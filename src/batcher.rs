@@ -109,7 +109,7 @@ async fn send(
     let items: Vec<&Item> = batch.iter().map(|s| &s.item).collect();
     debug!(items = items.len(), "sending a coalesced call");
     let started = Instant::now();
-    let sent = client.send(&items).await;
+    let sent = client.send(&items, limiters.get(vendor)).await;
     let status = match &sent {
         Ok(report) => report.http_status.to_string(),
         Err(error) => error.status_label(),

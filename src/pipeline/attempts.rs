@@ -195,7 +195,7 @@ impl Pipeline {
                 metrics.rate_limit_waited(vendor, limiter.acquire().await);
                 let refs: Vec<&Item> = chunk.iter().collect();
                 let started = std::time::Instant::now();
-                let sent = client.send(&refs).await;
+                let sent = client.send(&refs, limiter).await;
                 let status = match &sent {
                     Ok(report) => report.http_status.to_string(),
                     Err(error) => error.status_label(),

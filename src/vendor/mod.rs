@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::config::Settings;
 use crate::job::{Item, ItemError, VendorKind};
+use crate::limiter::VendorLimiter;
 
 mod http;
 pub mod mimecast;
@@ -141,11 +142,17 @@ impl VendorClient {
         }
     }
 
-    /// Sends the items in one call and reports per item.
-    pub async fn send(&self, items: &[&Item]) -> Result<CallReport, VendorError> {
+    /// Sends the items in one call and reports per item. The caller has taken
+    /// the call's rate-limit turn; `limiter` charges any follow-up request the
+    /// call needs (PNCP's task polls), so those count against the ceiling too.
+    pub async fn send(
+        &self,
+        items: &[&Item],
+        limiter: &VendorLimiter,
+    ) -> Result<CallReport, VendorError> {
         match self {
             Self::Mimecast(client) => client.send(items).await,
-            Self::Pncp(client) => client.send(items).await,
+            Self::Pncp(client) => client.send(items, limiter).await,
         }
     }
 }

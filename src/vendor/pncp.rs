@@ -11,6 +11,7 @@ use url::Url;
 use super::{http, signing, CallReport, ItemOutcome, VendorError};
 use crate::config::PncpSettings;
 use crate::job::{Item, ItemError};
+use crate::limiter::VendorLimiter;
 
 /// First wait between two polls of a 202 task; doubles up to [`MAX_POLL_DELAY`].
 const FIRST_POLL_DELAY: Duration = Duration::from_millis(50);
@@ -51,11 +52,15 @@ impl PncpClient {
     }
 
     /// Sends each item (PNCP takes one account per request; the pipeline sends one).
-    pub async fn send(&self, items: &[&Item]) -> Result<CallReport, VendorError> {
+    pub async fn send(
+        &self,
+        items: &[&Item],
+        limiter: &VendorLimiter,
+    ) -> Result<CallReport, VendorError> {
         let mut outcomes = Vec::with_capacity(items.len());
         let mut last_status = 200;
         for item in items {
-            let (status, outcome) = self.modify_account(item).await?;
+            let (status, outcome) = self.modify_account(item, limiter).await?;
             last_status = status;
             outcomes.push(outcome);
         }
@@ -103,7 +108,11 @@ impl PncpClient {
         request
     }
 
-    async fn modify_account(&self, item: &Item) -> Result<(u16, ItemOutcome), VendorError> {
+    async fn modify_account(
+        &self,
+        item: &Item,
+        limiter: &VendorLimiter,
+    ) -> Result<(u16, ItemOutcome), VendorError> {
         let (url, path) = self.resource(&["account", &item.account]);
         let mut body: Map<String, Value> = item.body.clone();
         body.remove("accountId");
@@ -132,19 +141,25 @@ impl PncpClient {
                             status,
                             detail: "202 without a resourceURL".to_owned(),
                         })?;
-                self.follow_task(resource).await
+                self.follow_task(resource, limiter).await
             }
             _ => Err(error_of(status, &headers)).or_else(|error| per_item_failure(status, error)),
         }
     }
 
     /// Polls a task until it is closed, with doubling waits, within the task timeout.
-    async fn follow_task(&self, resource: &str) -> Result<(u16, ItemOutcome), VendorError> {
+    async fn follow_task(
+        &self,
+        resource: &str,
+        limiter: &VendorLimiter,
+    ) -> Result<(u16, ItemOutcome), VendorError> {
         let segments: Vec<&str> = resource.split('/').filter(|s| !s.is_empty()).collect();
         let (url, path) = self.resource(&segments);
         let deadline = Instant::now() + self.task_timeout;
         let mut delay = FIRST_POLL_DELAY;
         loop {
+            // Each poll is a call to the vendor and is charged like one.
+            limiter.acquire().await;
             let response = self
                 .signed(Method::GET, url.clone(), &path)
                 .send()
