@@ -68,6 +68,9 @@ fn print_result(result: &JobResult) {
         result.attempts,
         result.meta.status
     );
+    for data in &result.data {
+        println!("    ok   {}", summary_of(data));
+    }
     for failure in &result.fail {
         for error in &failure.errors {
             println!(
@@ -75,6 +78,28 @@ fn print_result(result: &JobResult) {
                 failure.key, error.code, error.message
             );
         }
+    }
+}
+
+/// The fields an operator checks first in a vendor's data element.
+fn summary_of(data: &serde_json::Value) -> String {
+    let fields = [
+        "accountCode",
+        "userCount",
+        "packages",
+        "name",
+        "email",
+        "accountResource",
+        "state",
+        "result",
+    ];
+    let shown: Vec<String> = fields
+        .iter()
+        .filter_map(|field| data.get(*field).map(|value| format!("{field}={value}")))
+        .collect();
+    match shown.is_empty() {
+        true => data.to_string(),
+        false => shown.join(" "),
     }
 }
 
