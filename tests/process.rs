@@ -97,7 +97,7 @@ async fn a_job_is_not_acked_before_its_result_is_published() {
     queues
         .publish(&json!({"jobId": "crash-1", "vendor": "mimecast", "data": [{"accountCode": "CRASH", "products": [1, 2]}]}))
         .await;
-    tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_requests(1))
+    tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_admitted(1))
         .await
         .expect("the worker called the vendor");
     child.kill().await.unwrap();
@@ -211,7 +211,7 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered_as_poison() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_requests(delivery))
+        tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_admitted(delivery))
             .await
             .expect("the delivery reaches the vendor");
         child.kill().await.unwrap();

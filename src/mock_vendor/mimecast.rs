@@ -62,7 +62,7 @@ pub(super) async fn update_account(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let fault = shared.lock().faults[Vendor::Mimecast].pop_front();
+    let fault = shared.lock().admit_next(Vendor::Mimecast);
     if let Some(fault) = &fault {
         pending.set_fault(fault.kind());
     }

@@ -221,6 +221,14 @@ impl MockVendor {
         let _ = count.wait_for(|recorded| *recorded >= n).await;
     }
 
+    /// Resolves once at least `n` requests have passed the vendor's checks and
+    /// are being handled: unlike [`MockVendor::wait_for_requests`], a request held
+    /// by a `Delay` fault counts as soon as it arrives.
+    pub async fn wait_for_admitted(&self, n: usize) {
+        let mut count = self.shared.lock().subscribe_admitted();
+        let _ = count.wait_for(|admitted| *admitted >= n).await;
+    }
+
     /// Stops accepting connections; requests in flight are allowed to finish.
     pub fn shutdown(&self) {
         self.stop.cancel();

@@ -35,7 +35,7 @@ pub(super) async fn modify_account(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let fault = shared.lock().faults[Vendor::Pncp].pop_front();
+    let fault = shared.lock().admit_next(Vendor::Pncp);
     if let Some(fault) = &fault {
         pending.set_fault(fault.kind());
     }

@@ -74,6 +74,9 @@ pub(super) struct Inner {
     pub(super) latency: Duration,
     pub(super) records: Vec<RecordedRequest>,
     recorded: watch::Sender<usize>,
+    /// Requests that passed the checks and are being handled (counted on
+    /// arrival, before any delay, unlike `records`).
+    admitted: watch::Sender<usize>,
     pub(super) seen_request_ids: HashSet<String>,
     pub(super) mimecast_accounts: HashMap<String, MimecastAccount>,
     pub(super) pncp_accounts: HashMap<String, Value>,
@@ -89,6 +92,7 @@ impl Inner {
             latency,
             records: Vec::new(),
             recorded: watch::Sender::new(0),
+            admitted: watch::Sender::new(0),
             seen_request_ids: HashSet::new(),
             mimecast_accounts: HashMap::new(),
             pncp_accounts: HashMap::new(),
@@ -97,6 +101,20 @@ impl Inner {
             throttles: PerVendor::default(),
             tasks: HashMap::new(),
         }
+    }
+
+    /// Takes the next fault for `vendor` and counts the request as admitted.
+    pub(super) fn admit_next(
+        &mut self,
+        vendor: crate::mock_vendor::Vendor,
+    ) -> Option<crate::mock_vendor::Fault> {
+        self.admitted.send_modify(|n| *n += 1);
+        self.faults[vendor].pop_front()
+    }
+
+    /// A receiver of the number of admitted requests.
+    pub(super) fn subscribe_admitted(&self) -> watch::Receiver<usize> {
+        self.admitted.subscribe()
     }
 
     /// A receiver of the number of recorded requests.
@@ -108,6 +126,7 @@ impl Inner {
     pub(super) fn reset(&mut self) {
         self.records.clear();
         self.recorded.send_replace(0);
+        self.admitted.send_replace(0);
         self.seen_request_ids.clear();
         self.mimecast_accounts.clear();
         self.pncp_accounts.clear();
