@@ -57,12 +57,15 @@ impl Batcher {
     /// Sends one item in the next batch and waits for its outcome.
     pub async fn submit(&self, item: Item) -> ItemReply {
         let (reply, answer) = oneshot::channel();
-        let gone = || VendorError::Unreachable("the batching task stopped".to_owned());
+        // Not queued: nothing was sent, so resending is safe.
         self.sender
             .send(Submission { item, reply })
             .await
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+            .map_err(|_| VendorError::Unreachable("the batching task stopped".to_owned()))?;
+        // Queued but unanswered: the call may have reached the vendor.
+        answer.await.map_err(|_| {
+            VendorError::Interrupted("the batching task stopped before answering".to_owned())
+        })?
     }
 }
 

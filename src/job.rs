@@ -59,6 +59,14 @@ impl JobId {
                 "jobId must be 1 to {MAX_JOB_ID_CHARS} characters, got {chars}"
             ));
         }
+        // It becomes the result's AMQP correlation_id, a short string of at most
+        // 255 bytes: 200 multi-byte characters can exceed that.
+        if value.len() > 255 {
+            return Err(format!(
+                "jobId must be at most 255 bytes in UTF-8, got {}",
+                value.len()
+            ));
+        }
         Ok(Self(value.to_owned()))
     }
 

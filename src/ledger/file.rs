@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{decide_claim, now_ms, Claim, Entry, Finished, LedgerError, Progress};
+use super::{
+    decide_checkpoint, decide_claim, decide_finish, decide_release, decide_renew, now_ms, Claim,
+    Entry, Finished, LedgerError, Progress,
+};
 use crate::job::JobId;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -177,12 +180,8 @@ impl FileLedger {
         lease: Duration,
     ) -> Result<bool, LedgerError> {
         let owner = owner.to_owned();
-        self.update(job, move |current| match current {
-            Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
-                entry.lease_until_ms = now_ms() + lease.as_millis() as u64;
-                Ok((true, Some(entry)))
-            }
-            _ => Ok((false, None)),
+        self.update(job, move |current| {
+            Ok(decide_renew(current, &owner, now_ms(), lease))
         })
         .await
     }
@@ -193,35 +192,41 @@ impl FileLedger {
         job: &JobId,
         owner: &str,
         progress: &Progress,
+        lease: Duration,
     ) -> Result<(), LedgerError> {
-        let owner = owner.to_owned();
-        let progress = progress.clone();
-        self.update(job, move |current| match current {
-            Some(mut entry) if entry.finished.is_none() => {
-                entry.owner = owner;
-                entry.progress = progress;
-                Ok(((), Some(entry)))
-            }
-            _ => Ok(((), None)),
+        let (owner, progress, job_id) = (owner.to_owned(), progress.clone(), job.to_string());
+        self.update(job, move |current| {
+            Ok(decide_checkpoint(
+                current,
+                &job_id,
+                &owner,
+                &progress,
+                now_ms(),
+                lease,
+            ))
         })
-        .await
+        .await?
     }
 
     /// See [`super::Ledger::finish`].
-    pub async fn finish(&self, job: &JobId, finished: &Finished) -> Result<(), LedgerError> {
-        let finished = finished.clone();
+    pub async fn finish(
+        &self,
+        job: &JobId,
+        owner: &str,
+        finished: &Finished,
+    ) -> Result<Finished, LedgerError> {
+        let (owner, finished, job_id) = (owner.to_owned(), finished.clone(), job.to_string());
         self.update(job, move |current| {
-            let mut entry = current.unwrap_or(Entry {
-                owner: String::new(),
-                lease_until_ms: 0,
-                deliveries: 1,
-                progress: Progress::default(),
-                finished: None,
-            });
-            entry.finished = Some(finished);
-            Ok(((), Some(entry)))
+            Ok(decide_finish(current, &job_id, &owner, &finished))
         })
-        .await
+        .await?
+    }
+
+    /// See [`super::Ledger::release`].
+    pub async fn release(&self, job: &JobId, owner: &str) -> Result<(), LedgerError> {
+        let owner = owner.to_owned();
+        self.update(job, move |current| Ok(decide_release(current, &owner)))
+            .await
     }
 
     /// Deletes entries whose retention ended before `now` (Unix ms).
@@ -394,7 +399,7 @@ mod tests {
                     .unwrap(),
                 Claim::Busy
             );
-            ledger.finish(&job, &result("j-1")).await.unwrap();
+            ledger.finish(&job, "a", &result("j-1")).await.unwrap();
         }
         let ledger = FileLedger::open(&path, Duration::from_secs(3600)).unwrap();
         let claim = ledger
@@ -409,10 +414,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger");
         let ledger = FileLedger::open(&path, Duration::from_secs(60)).unwrap();
+        let old = JobId::parse("old").unwrap();
         ledger
-            .finish(&JobId::parse("old").unwrap(), &result("old"))
+            .claim(&old, "a", Duration::from_secs(30))
             .await
             .unwrap();
+        ledger.finish(&old, "a", &result("old")).await.unwrap();
         assert_eq!(ledger.sweep_before(now_ms()).unwrap(), 0);
         assert_eq!(ledger.sweep_before(now_ms() + 61_000).unwrap(), 1);
         assert!(ledger.is_empty().unwrap());

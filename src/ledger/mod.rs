@@ -37,6 +37,13 @@ pub enum LedgerError {
     /// Redis could not be reached or refused a command.
     #[error("redis ledger: {0}; check LEDGER_URL and that Redis is running")]
     Redis(String),
+    /// Another delivery took this job's lease (this one stalled past it): this
+    /// delivery must stop and leave the job to the new owner.
+    #[error("job {job_id}: another delivery took over its lease; handing this delivery back")]
+    LeaseLost {
+        /// The job.
+        job_id: String,
+    },
     /// A stored entry could not be read back.
     #[error("ledger entry for job {job_id} is unreadable: {reason}")]
     Corrupt {
@@ -182,6 +189,85 @@ pub fn decide_claim(
     }
 }
 
+/// Records progress if this delivery still owns the job, extending its lease.
+pub fn decide_checkpoint(
+    current: Option<Entry>,
+    job_id: &str,
+    owner: &str,
+    progress: &Progress,
+    now_ms: u64,
+    lease: Duration,
+) -> (Result<(), LedgerError>, Option<Entry>) {
+    match current {
+        Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
+            entry.progress = progress.clone();
+            entry.lease_until_ms = entry.lease_until_ms.max(now_ms + lease.as_millis() as u64);
+            (Ok(()), Some(entry))
+        }
+        _ => (
+            Err(LedgerError::LeaseLost {
+                job_id: job_id.to_owned(),
+            }),
+            None,
+        ),
+    }
+}
+
+/// Stores the outcome; the first outcome stored wins and is what every later
+/// delivery publishes, so one `jobId` never has two different results.
+pub fn decide_finish(
+    current: Option<Entry>,
+    job_id: &str,
+    owner: &str,
+    finished: &Finished,
+) -> (Result<Finished, LedgerError>, Option<Entry>) {
+    match current {
+        Some(Entry {
+            finished: Some(existing),
+            ..
+        }) => (Ok(existing), None),
+        Some(mut entry) if entry.owner == owner => {
+            entry.finished = Some(finished.clone());
+            (Ok(finished.clone()), Some(entry))
+        }
+        _ => (
+            Err(LedgerError::LeaseLost {
+                job_id: job_id.to_owned(),
+            }),
+            None,
+        ),
+    }
+}
+
+/// Gives the lease up for a delivery handed back untouched: the next delivery
+/// need not wait for it to lapse, and the hand-back does not count as a delivery.
+pub fn decide_release(current: Option<Entry>, owner: &str) -> ((), Option<Entry>) {
+    match current {
+        Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
+            entry.lease_until_ms = 0;
+            entry.deliveries = entry.deliveries.saturating_sub(1);
+            ((), Some(entry))
+        }
+        _ => ((), None),
+    }
+}
+
+/// Extends the lease if this delivery still owns the job.
+pub fn decide_renew(
+    current: Option<Entry>,
+    owner: &str,
+    now_ms: u64,
+    lease: Duration,
+) -> (bool, Option<Entry>) {
+    match current {
+        Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
+            entry.lease_until_ms = now_ms + lease.as_millis() as u64;
+            (true, Some(entry))
+        }
+        _ => (false, None),
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -236,24 +322,40 @@ impl Ledger {
         }
     }
 
-    /// Records progress (before a call: what is in flight; after: what happened).
+    /// Records progress (before a call: what is in flight; after: what happened),
+    /// extending the lease; fails with `LeaseLost` if another delivery owns the job.
     pub async fn checkpoint(
         &self,
         job: &JobId,
         owner: &str,
         progress: &Progress,
+        lease: Duration,
     ) -> Result<(), LedgerError> {
         match self {
-            Self::File(l) => l.checkpoint(job, owner, progress).await,
-            Self::Redis(l) => l.checkpoint(job, owner, progress).await,
+            Self::File(l) => l.checkpoint(job, owner, progress, lease).await,
+            Self::Redis(l) => l.checkpoint(job, owner, progress, lease).await,
         }
     }
 
-    /// Stores the final outcome; it is kept for the retention period.
-    pub async fn finish(&self, job: &JobId, finished: &Finished) -> Result<(), LedgerError> {
+    /// Stores the final outcome, kept for the retention period, and returns the
+    /// outcome to publish: an earlier stored one wins.
+    pub async fn finish(
+        &self,
+        job: &JobId,
+        owner: &str,
+        finished: &Finished,
+    ) -> Result<Finished, LedgerError> {
         match self {
-            Self::File(l) => l.finish(job, finished).await,
-            Self::Redis(l) => l.finish(job, finished).await,
+            Self::File(l) => l.finish(job, owner, finished).await,
+            Self::Redis(l) => l.finish(job, owner, finished).await,
+        }
+    }
+
+    /// Gives up the lease of a delivery handed back before touching the vendor.
+    pub async fn release(&self, job: &JobId, owner: &str) -> Result<(), LedgerError> {
+        match self {
+            Self::File(l) => l.release(job, owner).await,
+            Self::Redis(l) => l.release(job, owner).await,
         }
     }
 }

@@ -10,7 +10,10 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::{decide_claim, now_ms, Claim, Entry, Finished, LedgerError, Progress};
+use super::{
+    decide_checkpoint, decide_claim, decide_finish, decide_release, decide_renew, now_ms, Claim,
+    Entry, Finished, LedgerError, Progress,
+};
 use crate::job::JobId;
 
 /// Key prefix, so the ledger can share a Redis database with other data.
@@ -123,14 +126,8 @@ impl RedisLedger {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, LedgerError> {
-        self.update(job, |current| match current {
-            Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
-                entry.lease_until_ms = now_ms() + lease.as_millis() as u64;
-                (true, Some(entry))
-            }
-            _ => (false, None),
-        })
-        .await
+        self.update(job, |current| decide_renew(current, owner, now_ms(), lease))
+            .await
     }
 
     /// See [`super::Ledger::checkpoint`].
@@ -139,31 +136,32 @@ impl RedisLedger {
         job: &JobId,
         owner: &str,
         progress: &Progress,
+        lease: Duration,
     ) -> Result<(), LedgerError> {
-        self.update(job, |current| match current {
-            Some(mut entry) if entry.finished.is_none() => {
-                entry.owner = owner.to_owned();
-                entry.progress = progress.clone();
-                ((), Some(entry))
-            }
-            _ => ((), None),
+        let job_id = job.to_string();
+        self.update(job, |current| {
+            decide_checkpoint(current, &job_id, owner, progress, now_ms(), lease)
         })
-        .await
+        .await?
     }
 
     /// See [`super::Ledger::finish`].
-    pub async fn finish(&self, job: &JobId, finished: &Finished) -> Result<(), LedgerError> {
+    pub async fn finish(
+        &self,
+        job: &JobId,
+        owner: &str,
+        finished: &Finished,
+    ) -> Result<Finished, LedgerError> {
+        let job_id = job.to_string();
         self.update(job, |current| {
-            let mut entry = current.unwrap_or(Entry {
-                owner: String::new(),
-                lease_until_ms: 0,
-                deliveries: 1,
-                progress: Progress::default(),
-                finished: None,
-            });
-            entry.finished = Some(finished.clone());
-            ((), Some(entry))
+            decide_finish(current, &job_id, owner, finished)
         })
-        .await
+        .await?
+    }
+
+    /// See [`super::Ledger::release`].
+    pub async fn release(&self, job: &JobId, owner: &str) -> Result<(), LedgerError> {
+        self.update(job, |current| decide_release(current, owner))
+            .await
     }
 }

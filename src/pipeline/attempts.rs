@@ -12,6 +12,7 @@ use super::{Pipeline, Stop};
 use crate::batcher::Batcher;
 use crate::circuit::Pass;
 use crate::job::{Item, ItemError};
+use crate::ledger::LedgerError;
 use crate::retry::{self, Decision};
 use crate::vendor::{ItemOutcome, VendorClient, VendorError};
 
@@ -32,6 +33,12 @@ struct Round {
     last_error: Option<String>,
     /// Some call could not reach the vendor at all.
     unreachable: bool,
+    /// Some call got an answer with per-item outcomes.
+    answered: bool,
+    /// Some call failed on the vendor's side (5xx, timeout, broken connection).
+    server_failed: bool,
+    /// Some call was refused with a 429 (not executed).
+    throttled: bool,
 }
 
 impl Pipeline {
@@ -62,11 +69,17 @@ impl Pipeline {
             let marked = match needs_marker {
                 true => {
                     self.ledger
-                        .checkpoint(&state.job.ledger_key, owner, &in_flight)
+                        .checkpoint(&state.job.ledger_key, owner, &in_flight, self.policy.lease)
                         .await
                 }
                 false => Ok(()),
             };
+            if let Err(LedgerError::LeaseLost { .. }) = marked {
+                // This delivery stalled past its lease and another one owns the
+                // job now: sending anything could apply a change twice.
+                warn!("lost the job's lease to another delivery; handing this one back");
+                return Err(Stop);
+            }
             if let Err(e) = marked {
                 warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
                 tokio::select! {
@@ -115,7 +128,24 @@ impl Pipeline {
                     _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
                 }
             }
-            if circuit.succeed() {
+            if round.throttled && !round.answered && !round.server_failed {
+                // A 429 means the call was not executed: waiting out the vendor's
+                // reset must not burn the job's attempts, or a 429 storm would
+                // dead-letter the queue.
+                state.attempts -= 1;
+            }
+            if !round.answered && round.server_failed && circuit.record_unreachable() {
+                // The vendor keeps failing on its side: hold its jobs rather than
+                // exhaust every queued job's attempts against it.
+                let reason = round.last_error.clone().unwrap_or_default();
+                if circuit.trip(reason.clone()) || pass == Pass::Probe {
+                    warn!(%vendor, error = %reason, "{vendor} keeps failing: holding its jobs and probing with backoff");
+                }
+                self.metrics.circuit(vendor, true);
+                // This job's own attempts still count (the calls may have run);
+                // the others wait at the circuit instead of spending theirs.
+            }
+            if round.answered && circuit.succeed() {
                 info!(%vendor, "{vendor} answers again: resuming its jobs");
                 self.metrics.circuit(vendor, false);
             }
@@ -152,7 +182,7 @@ impl Pipeline {
         let progress = state.progress(&[]);
         if let Err(e) = self
             .ledger
-            .checkpoint(&state.job.ledger_key, owner, &progress)
+            .checkpoint(&state.job.ledger_key, owner, &progress, self.policy.lease)
             .await
         {
             warn!(error = %e, "cannot record progress in the ledger; continuing");
@@ -172,6 +202,7 @@ impl Pipeline {
             match answer {
                 Ok((outcomes, http_status)) => {
                     round.touched_vendor = true;
+                    round.answered = true;
                     state.last_http_status = Some(http_status);
                     for (item, outcome) in chunk.iter().zip(outcomes) {
                         apply_item_outcome(state, item, outcome, &mut round);
@@ -239,6 +270,11 @@ impl Pipeline {
             state.last_http_status = Some(*status);
         }
         round.unreachable |= matches!(error, VendorError::Unreachable(_));
+        round.throttled |= matches!(error, VendorError::Throttled { .. });
+        round.server_failed |= matches!(
+            error,
+            VendorError::Timeout | VendorError::Interrupted(_) | VendorError::BadResponse { .. }
+        ) || matches!(error, VendorError::Http { status, .. } if status >= 500);
         match retry::classify(&error) {
             Decision::Retry { not_before } => {
                 if let (VendorError::Throttled { .. }, Some(wait)) = (&error, not_before) {

@@ -190,7 +190,8 @@ impl Pipeline {
                 "resuming a job whose earlier delivery was interrupted"
             );
         }
-        let renewal = self.keep_lease(&state.job, &owner);
+        // Aborted when dropped, so a panic cannot leave the lease renewed forever.
+        let renewal = AbortOnDrop(self.keep_lease(&state.job, &owner));
         let outcome = if deliveries > self.policy.max_deliveries {
             warn!(
                 deliveries,
@@ -220,13 +221,11 @@ impl Pipeline {
                 }
             }
         };
-        renewal.abort();
+        drop(renewal);
         if let Err(Stop) = outcome {
-            // Release the lease so the next delivery need not wait for it to lapse.
-            let _ = self
-                .ledger
-                .renew(&state.job.ledger_key, &owner, Duration::ZERO)
-                .await;
+            // Release the lease so the next delivery need not wait for it to lapse
+            // (a no-op when another delivery took it).
+            let _ = self.ledger.release(&state.job.ledger_key, &owner).await;
             return Outcome::HandBack;
         }
         let outcome = finished(&state);
@@ -248,13 +247,51 @@ impl Pipeline {
                 result: result.clone(),
                 dead_letter: dead_letter.as_ref().map(StoredDeadLetter::from_letter),
             };
-            if let Err(e) = self.ledger.finish(&state.job.ledger_key, &stored).await {
-                // The checkpoints still hold every item's outcome, so a redelivery
-                // rebuilds the same result without calling the vendor again.
-                error!(error = %e, "cannot store the job's outcome in the ledger");
-            }
+            // The outcome is published only once it is stored: a later copy of
+            // the job must find it, or it would publish a different result.
+            return match self
+                .store_outcome(&state.job.ledger_key, &owner, &stored)
+                .await
+            {
+                Some(kept) => Outcome::Finished {
+                    dead_letter: kept
+                        .dead_letter
+                        .as_ref()
+                        .map(|d| d.to_letter(&kept.result.job_id)),
+                    result: Some(kept.result),
+                },
+                None => Outcome::HandBack,
+            };
         }
         outcome
+    }
+
+    /// Stores the outcome, retrying a failing ledger briefly; returns the outcome
+    /// to publish (an earlier stored one wins), or `None` to hand the job back.
+    async fn store_outcome(
+        &self,
+        key: &crate::job::JobId,
+        owner: &str,
+        outcome: &Finished,
+    ) -> Option<Finished> {
+        for wait_ms in [100, 500, 2000, 0] {
+            match self.ledger.finish(key, owner, outcome).await {
+                Ok(kept) => return Some(kept),
+                Err(e @ crate::ledger::LedgerError::LeaseLost { .. }) => {
+                    warn!(error = %e, "not publishing: another delivery owns the job");
+                    return None;
+                }
+                Err(e) if wait_ms > 0 => {
+                    warn!(error = %e, retry_in_ms = wait_ms, "cannot store the job's outcome; retrying");
+                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot store the job's outcome; handing the job back");
+                    return None;
+                }
+            }
+        }
+        None
     }
 
     /// Takes the job's lease, waiting while another delivery holds it: the progress
@@ -366,5 +403,15 @@ fn malformed_outcome(body: &[u8], malformed: Malformed) -> Outcome {
             attempts: 0,
             job_id: malformed.job_id.map(|id| id.to_string()),
         }),
+    }
+}
+
+/// Aborts a background task when dropped, on every path out of a job.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

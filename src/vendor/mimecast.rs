@@ -176,25 +176,49 @@ fn account_code(value: &Value) -> Option<&str> {
 fn match_outcomes(items: &[&Item], response: Response) -> Vec<ItemOutcome> {
     let mut data: Vec<Option<Value>> = response.data.into_iter().map(Some).collect();
     let mut fail: Vec<Option<FailEntry>> = response.fail.into_iter().map(Some).collect();
-    items
-        .iter()
-        .map(|item| {
-            let code = item.account.as_str();
-            if let Some(slot) = fail.iter_mut().find(|f| {
+    let mut outcomes: Vec<Option<ItemOutcome>> = vec![None; items.len()];
+    // A fail entry's key is the item as sent: an exact match is certain.
+    for (item, outcome) in items.iter().zip(outcomes.iter_mut()) {
+        let sent = item.to_value();
+        if let Some(slot) = fail
+            .iter_mut()
+            .find(|f| f.as_ref().is_some_and(|f| f.key == sent))
+        {
+            *outcome = slot.take().map(|entry| ItemOutcome::Failed(entry.errors));
+        }
+    }
+    for (index, item) in items.iter().enumerate() {
+        if outcomes[index].is_some() {
+            continue;
+        }
+        let code = item.account.as_str();
+        // Two items for one account in one call cannot be told apart by account
+        // code: report them unaccounted (an additive one becomes an unknown
+        // outcome, an idempotent one is resent) rather than guess.
+        let shared = items.iter().filter(|other| other.account == code).count() > 1;
+        if shared {
+            outcomes[index] = Some(ItemOutcome::Unaccounted);
+            continue;
+        }
+        let failed = fail
+            .iter_mut()
+            .find(|f| {
                 f.as_ref()
                     .is_some_and(|f| account_code(&f.key) == Some(code))
-            }) {
-                let entry = slot.take().unwrap_or_default();
-                return ItemOutcome::Failed(entry.errors);
-            }
-            if let Some(slot) = data
-                .iter_mut()
+            })
+            .and_then(Option::take)
+            .map(|entry| ItemOutcome::Failed(entry.errors));
+        let applied = || {
+            data.iter_mut()
                 .find(|d| d.as_ref().is_some_and(|d| account_code(d) == Some(code)))
-            {
-                return ItemOutcome::Applied(slot.take().unwrap_or(Value::Null));
-            }
-            ItemOutcome::Unaccounted
-        })
+                .and_then(Option::take)
+                .map(ItemOutcome::Applied)
+        };
+        outcomes[index] = Some(failed.or_else(applied).unwrap_or(ItemOutcome::Unaccounted));
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.unwrap_or(ItemOutcome::Unaccounted))
         .collect()
 }
 
@@ -237,6 +261,32 @@ mod tests {
             outcomes[2],
             ItemOutcome::Applied(json!({"accountCode": "C", "userCount": 3}))
         );
+    }
+
+    #[test]
+    fn two_items_for_one_account_are_matched_by_the_whole_item_or_not_at_all() {
+        let mut add = item(0, "A");
+        add.body.insert("numberOfUsers".into(), json!(5));
+        let mut other = item(1, "A");
+        other.body.insert("numberOfUsers".into(), json!(-3));
+        let response = Response {
+            data: vec![json!({"accountCode": "A"})],
+            fail: vec![FailEntry {
+                key: other.to_value(),
+                errors: vec![ItemError {
+                    code: "err_temporary".into(),
+                    message: "later".into(),
+                    retryable: true,
+                }],
+            }],
+        };
+        let outcomes = match_outcomes(&[&add, &other], response);
+        assert_eq!(
+            outcomes[0],
+            ItemOutcome::Unaccounted,
+            "never guessed as applied twice"
+        );
+        assert!(matches!(&outcomes[1], ItemOutcome::Failed(e) if e[0].retryable));
     }
 
     #[test]
