@@ -13,6 +13,7 @@ pub struct Health {
     consuming: AtomicBool,
     circuits: Arc<Circuits>,
     metrics: Arc<Metrics>,
+    sessions: tokio::sync::watch::Sender<u64>,
 }
 
 impl Health {
@@ -22,7 +23,20 @@ impl Health {
             consuming: AtomicBool::new(false),
             circuits,
             metrics,
+            sessions: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Counts a broker session that started consuming.
+    pub(crate) fn session_started(&self) {
+        self.sessions.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves once at least `n` broker sessions have started consuming (the
+    /// first one included), so tests can await a reconnection.
+    pub async fn wait_for_sessions(&self, n: u64) {
+        let mut sessions = self.sessions.subscribe();
+        let _ = sessions.wait_for(|started| *started >= n).await;
     }
 
     /// The worker's metrics.

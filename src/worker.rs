@@ -204,12 +204,20 @@ impl Worker {
         let mut consumer = futures_util::stream::select_all(consumers);
         info!(queues = ?broker.consume_queues, concurrency = broker.concurrency.get(), "consuming jobs");
         self.health.set_consuming(true);
+        self.health.session_started();
 
         let stopping = CancellationToken::new();
+        // Cancelled by a job whose publish was not confirmed: the session is then
+        // reopened, which re-declares the queues and redelivers unacked jobs.
+        let broken = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let end = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break None,
+                _ = broken.cancelled() => break Some(BrokerError::NotConfirmed {
+                    queue: broker.jobs_queue.results.clone(),
+                    reason: "a result or dead letter was not confirmed; reopening the session".to_owned(),
+                }),
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         // Parsed here, in delivery order, so that each job takes its
@@ -222,8 +230,11 @@ impl Worker {
                         let worker = self.clone();
                         let publisher = publisher.clone();
                         let stopping = stopping.clone();
+                        let broken = broken.clone();
                         tasks.spawn(async move {
-                            worker.handle(delivery, parsed, place, &publisher, &stopping).await
+                            worker
+                                .handle(delivery, parsed, place, &publisher, &stopping, &broken)
+                                .await
                         });
                     }
                     Some(Err(e)) => break Some(BrokerError::Channel(e)),
@@ -283,6 +294,7 @@ impl Worker {
         mut place: Place,
         publisher: &Publisher,
         stopping: &CancellationToken,
+        broken: &CancellationToken,
     ) {
         let metrics = self.health.metrics();
         metrics.in_flight(1);
@@ -344,8 +356,10 @@ impl Worker {
                         .await
                         .map(|_| ()),
                     (Err(e), _) | (_, Err(e)) => {
-                        // Not acked: the broker redelivers the job and its outcome is published again.
-                        error!(error = %e, job_id = result.as_ref().map(|r| r.job_id.as_str()), "job outcome not confirmed by the broker; the job stays unacked");
+                        // Not acked: the session is reopened, the broker redelivers
+                        // the job, and the ledger's stored outcome is published again.
+                        error!(error = %e, job_id = result.as_ref().map(|r| r.job_id.as_str()), "job outcome not confirmed by the broker; reopening the broker session");
+                        broken.cancel();
                         Ok(())
                     }
                 }

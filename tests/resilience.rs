@@ -348,3 +348,39 @@ async fn an_unreachable_vendor_holds_jobs_instead_of_exhausting_their_retries() 
     assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_results_queue_is_declared_again_and_the_result_still_arrives() {
+    let app = TestApp::spawn("results_deleted").await;
+    tokio::time::timeout(EVENT_TIMEOUT, app.worker.health().wait_for_sessions(1))
+        .await
+        .expect("the worker starts consuming");
+    app.queues
+        .channel
+        .queue_delete(app.queues.names.results.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    app.queues
+        .publish(&json!({"jobId": "rd-1", "vendor": "mimecast", "data": [{"accountCode": "RD", "numberOfUsers": 4}]}))
+        .await;
+    // The unroutable result makes the worker reopen its session, which declares
+    // the results queue again; the redelivered job republishes the stored outcome.
+    tokio::time::timeout(EVENT_TIMEOUT, app.worker.health().wait_for_sessions(2))
+        .await
+        .expect("the worker reopens its broker session");
+    let mut reader = common::Queues::open(&app.queues.names.jobs).await;
+    let result = reader.next_result().await;
+    assert_eq!(result.job_id, "rd-1");
+    assert_eq!(result.status, JobStatus::Succeeded);
+    assert_eq!(
+        app.mock.mimecast_account("RD").unwrap().user_count,
+        4,
+        "applied once"
+    );
+    assert_eq!(
+        app.mock.requests().len(),
+        1,
+        "the redelivery republished the stored outcome"
+    );
+    app.finish().await;
+}
