@@ -138,6 +138,11 @@ impl Circuit {
         was_open
     }
 
+    /// Whether the vendor may be called without waiting.
+    pub fn is_closed(&self) -> bool {
+        self.lock().open_until.is_none()
+    }
+
     /// Why the circuit is open, or `None` when it is closed.
     pub fn open_reason(&self) -> Option<String> {
         let state = self.lock();

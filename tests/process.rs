@@ -231,3 +231,54 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered_as_poison() {
     let _ = worker.await;
     queues.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_additive_item_in_flight_when_the_worker_died_is_reported_unknown_not_resent() {
+    let mock = MockVendor::start("127.0.0.1:0".parse().unwrap(), MockVendorConfig::demo())
+        .await
+        .unwrap();
+    let ledger = tempfile::tempdir().unwrap();
+    let queue = common::unique_queue("crash_additive");
+    let mut env = common::worker_env(&queue, &mock, ledger.path());
+    env.insert("LEDGER_LEASE".into(), "1s".into());
+    let mut queues = Queues::open(&queue).await;
+    mock.push_fault(Vendor::Mimecast, Fault::Delay { ms: 120_000 });
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("run")
+        .envs(&env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    queues
+        .publish(&json!({"jobId": "crash-2", "vendor": "mimecast", "data": [
+            {"accountCode": "CRASH2", "numberOfUsers": 7},
+            {"accountCode": "CRASH3", "products": [4]}
+        ]}))
+        .await;
+    tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_admitted(1))
+        .await
+        .expect("the worker called the vendor");
+    child.kill().await.unwrap();
+
+    let (stop, worker) = common::start_worker(&env).await;
+    let result = queues.next_result().await;
+    assert_eq!(result.status, JobStatus::Partial);
+    assert_eq!(result.fail[0].key["accountCode"], "CRASH2");
+    assert_eq!(result.fail[0].errors[0].code, "err_outcome_unknown");
+    assert_eq!(
+        result.data[0]["accountCode"], "CRASH3",
+        "the idempotent item is resent"
+    );
+    let resent: Vec<_> = mock
+        .requests()
+        .iter()
+        .filter(|r| r.body["data"].to_string().contains("CRASH2"))
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(resent.len(), 1, "the additive item was never sent twice");
+    stop.cancel();
+    let _ = worker.await;
+    queues.delete().await;
+}

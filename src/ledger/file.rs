@@ -164,10 +164,18 @@ impl FileLedger {
         job: &JobId,
         owner: &str,
         lease: Duration,
+        first_marker: Option<&Progress>,
     ) -> Result<Claim, LedgerError> {
         let owner = owner.to_owned();
+        let marker = first_marker.cloned();
         self.update(job, move |current| {
-            Ok(decide_claim(current, &owner, now_ms(), lease))
+            Ok(decide_claim(
+                current,
+                &owner,
+                now_ms(),
+                lease,
+                marker.as_ref(),
+            ))
         })
         .await
     }
@@ -388,13 +396,13 @@ mod tests {
         {
             let ledger = FileLedger::open(&path, Duration::from_secs(3600)).unwrap();
             let claim = ledger
-                .claim(&job, "a", Duration::from_secs(30))
+                .claim(&job, "a", Duration::from_secs(30), None)
                 .await
                 .unwrap();
             assert!(matches!(claim, Claim::Owned { deliveries: 1, .. }));
             assert_eq!(
                 ledger
-                    .claim(&job, "b", Duration::from_secs(30))
+                    .claim(&job, "b", Duration::from_secs(30), None)
                     .await
                     .unwrap(),
                 Claim::Busy
@@ -403,7 +411,7 @@ mod tests {
         }
         let ledger = FileLedger::open(&path, Duration::from_secs(3600)).unwrap();
         let claim = ledger
-            .claim(&job, "c", Duration::from_secs(30))
+            .claim(&job, "c", Duration::from_secs(30), None)
             .await
             .unwrap();
         assert_eq!(claim, Claim::Done(Box::new(result("j-1"))));
@@ -416,7 +424,7 @@ mod tests {
         let ledger = FileLedger::open(&path, Duration::from_secs(60)).unwrap();
         let old = JobId::parse("old").unwrap();
         ledger
-            .claim(&old, "a", Duration::from_secs(30))
+            .claim(&old, "a", Duration::from_secs(30), None)
             .await
             .unwrap();
         ledger.finish(&old, "a", &result("old")).await.unwrap();

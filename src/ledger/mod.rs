@@ -148,11 +148,15 @@ pub enum Claim {
 
 /// Decides a claim from the current entry; returns the entry to store, if it changes.
 /// Shared by both backends so they cannot disagree.
+///
+/// `first_marker` is stored as the progress of a job seen for the first time:
+/// the in-flight marker of its first call, saved in the same write.
 pub fn decide_claim(
     current: Option<Entry>,
     owner: &str,
     now_ms: u64,
     lease: Duration,
+    first_marker: Option<&Progress>,
 ) -> (Claim, Option<Entry>) {
     let lease_until_ms = now_ms + lease.as_millis() as u64;
     match current {
@@ -165,7 +169,7 @@ pub fn decide_claim(
                 owner: owner.to_owned(),
                 lease_until_ms,
                 deliveries: 1,
-                progress: Progress::default(),
+                progress: first_marker.cloned().unwrap_or_default(),
                 finished: None,
             }),
         ),
@@ -297,15 +301,17 @@ impl Ledger {
     }
 
     /// Takes the job's lease, or reports that it is finished or held elsewhere.
+    /// A job seen for the first time stores `first_marker` as its progress.
     pub async fn claim(
         &self,
         job: &JobId,
         owner: &str,
         lease: Duration,
+        first_marker: Option<&Progress>,
     ) -> Result<Claim, LedgerError> {
         match self {
-            Self::File(l) => l.claim(job, owner, lease).await,
-            Self::Redis(l) => l.claim(job, owner, lease).await,
+            Self::File(l) => l.claim(job, owner, lease, first_marker).await,
+            Self::Redis(l) => l.claim(job, owner, lease, first_marker).await,
         }
     }
 
@@ -368,7 +374,7 @@ mod tests {
 
     #[test]
     fn a_new_job_is_owned_by_its_first_delivery() {
-        let (claim, entry) = decide_claim(None, "a", 1_000, LEASE);
+        let (claim, entry) = decide_claim(None, "a", 1_000, LEASE, None);
         assert_eq!(
             claim,
             Claim::Owned {
@@ -381,13 +387,13 @@ mod tests {
 
     #[test]
     fn a_live_lease_of_another_delivery_is_busy_and_an_expired_one_resumes() {
-        let (_, entry) = decide_claim(None, "a", 1_000, LEASE);
+        let (_, entry) = decide_claim(None, "a", 1_000, LEASE, None);
         let mut entry = entry.unwrap();
         entry.progress.in_flight = vec![0];
-        let (claim, write) = decide_claim(Some(entry.clone()), "b", 2_000, LEASE);
+        let (claim, write) = decide_claim(Some(entry.clone()), "b", 2_000, LEASE, None);
         assert_eq!(claim, Claim::Busy);
         assert!(write.is_none());
-        let (claim, write) = decide_claim(Some(entry), "b", 40_000, LEASE);
+        let (claim, write) = decide_claim(Some(entry), "b", 40_000, LEASE, None);
         let Claim::Owned {
             progress,
             deliveries,

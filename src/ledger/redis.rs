@@ -114,9 +114,12 @@ impl RedisLedger {
         job: &JobId,
         owner: &str,
         lease: Duration,
+        first_marker: Option<&Progress>,
     ) -> Result<Claim, LedgerError> {
-        self.update(job, |current| decide_claim(current, owner, now_ms(), lease))
-            .await
+        self.update(job, |current| {
+            decide_claim(current, owner, now_ms(), lease, first_marker)
+        })
+        .await
     }
 
     /// See [`super::Ledger::renew`].

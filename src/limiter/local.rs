@@ -36,6 +36,11 @@ pub(super) struct LocalLimiter {
 }
 
 impl LocalLimiter {
+    /// Whether a call would go at once: no ceiling, no pause, no spacing.
+    pub(super) fn is_open(&self) -> bool {
+        self.ceiling.is_none() && self.pause_deadline().is_none() && !self.slowdown.is_active()
+    }
+
     /// A limiter spacing calls `interval` apart (`None`: no ceiling); `in_flight`
     /// is how many calls may be under way at once, for the slowdown.
     pub(super) fn new(interval: Option<Duration>, in_flight: u64) -> Self {

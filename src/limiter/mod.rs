@@ -89,6 +89,13 @@ impl VendorLimiter {
         started.elapsed()
     }
 
+    /// Whether a call would go out at once: no ceiling, pause, spacing or probe
+    /// holds it (the pipeline then stores its claim and in-flight marker in one
+    /// ledger write, since nothing can delay the call between the two).
+    pub fn is_open(&self) -> bool {
+        self.fleet.is_none() && self.local.is_open() && !self.gate.is_armed()
+    }
+
     /// A call came back (any answer but a 429): its quota headers, if any, pace
     /// the next calls, and calls held behind a post-429 probe may go.
     pub fn call_answered(&self, quota: Option<QuotaHint>) {

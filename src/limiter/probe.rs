@@ -27,6 +27,11 @@ impl ProbeGate {
         self.probe_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether calls are held behind a probe now.
+    pub(super) fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+    }
+
     /// A 429 arrived, or a slowed-down quota window ended: the next call goes
     /// alone. Arming an armed gate changes nothing, so many callers may do it.
     pub(super) fn arm(&self) {

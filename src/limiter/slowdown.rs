@@ -96,6 +96,11 @@ impl Slowdown {
 
     /// Waits for this call's turn while a spacing holds; returns at once otherwise.
     /// Returns whether the turn fell at the end of the spaced window.
+    /// Whether calls are being spaced out now.
+    pub(super) fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
     pub(super) async fn wait_turn(&self) -> bool {
         if !self.active.load(Ordering::Acquire) {
             return false;

@@ -49,6 +49,7 @@ impl Pipeline {
         client: &VendorClient,
         state: &mut JobState,
         owner: &str,
+        mut premarked: bool,
         stopping: &CancellationToken,
     ) -> Result<(), Stop> {
         let vendor = client.kind();
@@ -64,7 +65,9 @@ impl Pipeline {
             // it is what keeps a redelivery from sending it again. Idempotent
             // items are simply resent, so they need no marker (and no fsync).
             let pending = state.pending_items();
-            let needs_marker = pending.iter().any(|item| item.is_additive());
+            // The claim may already hold the first round's marker.
+            let needs_marker =
+                !std::mem::take(&mut premarked) && pending.iter().any(|item| item.is_additive());
             let in_flight = state.progress(&pending);
             let marked = match needs_marker {
                 true => {

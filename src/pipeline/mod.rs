@@ -166,7 +166,11 @@ impl Pipeline {
 
     async fn process_job(&self, job: Job, stopping: &CancellationToken) -> Outcome {
         let owner = uuid::Uuid::new_v4().to_string();
-        let (progress, deliveries) = match self.claim(&job, &owner, stopping).await {
+        let first_marker = self.first_marker(&job);
+        let (progress, deliveries) = match self
+            .claim(&job, &owner, first_marker.as_ref(), stopping)
+            .await
+        {
             Err(Stop) => return Outcome::HandBack,
             Ok(Err(finished)) => {
                 info!("already finished: publishing its stored outcome again without calling the vendor");
@@ -183,6 +187,8 @@ impl Pipeline {
             Ok(Ok(owned)) => owned,
         };
         let resumed = !progress.in_flight.is_empty() || progress.attempts > 0;
+        // The claim stored the first call's marker only if the job was new.
+        let premarked = first_marker.is_some() && deliveries == 1 && !resumed;
         let mut state = JobState::resume(job, progress);
         if resumed {
             warn!(
@@ -207,7 +213,10 @@ impl Pipeline {
             Ok(())
         } else {
             match self.vendors.get(state.job.vendor) {
-                Some(client) => self.attempt_all(client, &mut state, &owner, stopping).await,
+                Some(client) => {
+                    self.attempt_all(client, &mut state, &owner, premarked, stopping)
+                        .await
+                }
                 None => {
                     let vendor = state.job.vendor;
                     state.fail_all_pending(&ItemError::permanent(
@@ -294,19 +303,41 @@ impl Pipeline {
         None
     }
 
+    /// The in-flight marker of a new job's first call, to store with its claim in
+    /// one ledger write, when nothing can hold that call back (no rate ceiling,
+    /// pause or open circuit, no batching): one fsync per job saved. Otherwise the
+    /// marker is written just before the call, as for every later round.
+    fn first_marker(&self, job: &Job) -> Option<Progress> {
+        let additive: Vec<usize> = job
+            .items
+            .iter()
+            .filter(|item| item.is_additive())
+            .map(|item| item.index)
+            .collect();
+        let immediate = self.vendors.get(job.vendor).is_some()
+            && self.batchers.get(job.vendor).is_none()
+            && self.circuits.get(job.vendor).is_closed()
+            && self.limiters.get(job.vendor).is_open();
+        (immediate && !additive.is_empty()).then(|| Progress {
+            in_flight: job.items.iter().map(|item| item.index).collect(),
+            ..Progress::default()
+        })
+    }
+
     /// Takes the job's lease, waiting while another delivery holds it: the progress
     /// to resume from and the delivery count, or the finished job's stored outcome.
     async fn claim(
         &self,
         job: &Job,
         owner: &str,
+        first_marker: Option<&Progress>,
         stopping: &CancellationToken,
     ) -> Result<Result<(Progress, u32), Box<Finished>>, Stop> {
         let mut wait = Duration::from_millis(50);
         loop {
             match self
                 .ledger
-                .claim(&job.ledger_key, owner, self.policy.lease)
+                .claim(&job.ledger_key, owner, self.policy.lease, first_marker)
                 .await
             {
                 Ok(Claim::Busy) => {
