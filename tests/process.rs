@@ -12,6 +12,18 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_account-worker");
 
+/// `account-worker run` as a separate process, killed if the test ends first.
+fn spawn_worker_process(env: &std::collections::HashMap<String, String>) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .arg("run")
+        .envs(env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the worker binary starts")
+}
+
 fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
     let mut command = std::process::Command::new(BIN);
     command
@@ -86,14 +98,7 @@ async fn a_job_is_not_acked_before_its_result_is_published() {
 
     // The vendor holds the call long enough for the worker to be killed mid-job.
     mock.push_fault(Vendor::Mimecast, Fault::Delay { ms: 120_000 });
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("run")
-        .envs(&env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker_process(&env);
     queues
         .publish(&json!({"jobId": "crash-1", "vendor": "mimecast", "data": [{"accountCode": "CRASH", "products": [1, 2]}]}))
         .await;
@@ -145,14 +150,7 @@ async fn sigterm_finishes_in_flight_jobs_exits_zero_and_loses_nothing() {
             .publish(&json!({"jobId": format!("st-{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("ST{i}"), "numberOfUsers": 1}]}))
             .await;
     }
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("run")
-        .envs(&env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker_process(&env);
     tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_requests(40))
         .await
         .expect("the worker is busy");
@@ -203,14 +201,7 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered_as_poison() {
     // Two deliveries each die while their call hangs at the vendor.
     for delivery in 1..=2 {
         mock.push_fault(Vendor::Mimecast, Fault::Delay { ms: 120_000 });
-        let mut child = tokio::process::Command::new(BIN)
-            .arg("run")
-            .envs(&env)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child = spawn_worker_process(&env);
         tokio::time::timeout(EVENT_TIMEOUT, mock.wait_for_admitted(delivery))
             .await
             .expect("the delivery reaches the vendor");
@@ -243,14 +234,7 @@ async fn an_additive_item_in_flight_when_the_worker_died_is_reported_unknown_not
     env.insert("LEDGER_LEASE".into(), "1s".into());
     let mut queues = Queues::open(&queue).await;
     mock.push_fault(Vendor::Mimecast, Fault::Delay { ms: 120_000 });
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("run")
-        .envs(&env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_worker_process(&env);
     queues
         .publish(&json!({"jobId": "crash-2", "vendor": "mimecast", "data": [
             {"accountCode": "CRASH2", "numberOfUsers": 7},
