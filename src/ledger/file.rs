@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    decide_checkpoint, decide_claim, decide_finish, decide_release, decide_renew, now_ms, Claim,
-    Entry, Finished, LedgerError, Progress,
-};
+use super::{now_ms, Entry, LedgerError};
 use crate::job::JobId;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -124,13 +121,13 @@ impl FileLedger {
 
     /// Queues one read-modify-write for the next group commit and waits until it
     /// is durable.
-    async fn update<T: Send + 'static>(
+    pub(super) async fn update<T: Send + 'static>(
         &self,
         job: &JobId,
-        change: impl FnOnce(Option<Entry>) -> Result<(T, Option<Entry>), LedgerError> + Send + 'static,
+        change: impl FnOnce(Option<Entry>) -> (T, Option<Entry>) + Send + 'static,
     ) -> Result<T, LedgerError> {
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<T, LedgerError>>();
-        let change: Change = Box::new(move |current| match current.and_then(change) {
+        let change: Change = Box::new(move |current| match current.map(change) {
             Ok((answer, write)) => (
                 write,
                 Box::new(move |committed: Result<(), LedgerError>| {
@@ -156,85 +153,6 @@ impl FileLedger {
         answer_rx
             .await
             .map_err(|_| self.error("the writer thread stopped before answering"))?
-    }
-
-    /// See [`super::Ledger::claim`].
-    pub async fn claim(
-        &self,
-        job: &JobId,
-        owner: &str,
-        lease: Duration,
-        first_marker: Option<&Progress>,
-    ) -> Result<Claim, LedgerError> {
-        let owner = owner.to_owned();
-        let marker = first_marker.cloned();
-        self.update(job, move |current| {
-            Ok(decide_claim(
-                current,
-                &owner,
-                now_ms(),
-                lease,
-                marker.as_ref(),
-            ))
-        })
-        .await
-    }
-
-    /// See [`super::Ledger::renew`].
-    pub async fn renew(
-        &self,
-        job: &JobId,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<bool, LedgerError> {
-        let owner = owner.to_owned();
-        self.update(job, move |current| {
-            Ok(decide_renew(current, &owner, now_ms(), lease))
-        })
-        .await
-    }
-
-    /// See [`super::Ledger::checkpoint`].
-    pub async fn checkpoint(
-        &self,
-        job: &JobId,
-        owner: &str,
-        progress: &Progress,
-        lease: Duration,
-    ) -> Result<(), LedgerError> {
-        let (owner, progress, job_id) = (owner.to_owned(), progress.clone(), job.to_string());
-        self.update(job, move |current| {
-            Ok(decide_checkpoint(
-                current,
-                &job_id,
-                &owner,
-                &progress,
-                now_ms(),
-                lease,
-            ))
-        })
-        .await?
-    }
-
-    /// See [`super::Ledger::finish`].
-    pub async fn finish(
-        &self,
-        job: &JobId,
-        owner: &str,
-        finished: &Finished,
-    ) -> Result<Finished, LedgerError> {
-        let (owner, finished, job_id) = (owner.to_owned(), finished.clone(), job.to_string());
-        self.update(job, move |current| {
-            Ok(decide_finish(current, &job_id, &owner, &finished))
-        })
-        .await?
-    }
-
-    /// See [`super::Ledger::release`].
-    pub async fn release(&self, job: &JobId, owner: &str) -> Result<(), LedgerError> {
-        let owner = owner.to_owned();
-        self.update(job, move |current| Ok(decide_release(current, &owner)))
-            .await
     }
 
     /// Deletes entries whose retention ended before `now` (Unix ms).
@@ -372,6 +290,7 @@ impl Committer {
 mod tests {
     use super::*;
     use crate::job::{JobResult, JobStatus, ResultMeta};
+    use crate::ledger::{Claim, Finished, Ledger};
 
     fn result(id: &str) -> Finished {
         Finished {
@@ -394,7 +313,7 @@ mod tests {
         let path = dir.path().join("ledger");
         let job = JobId::parse("j-1").unwrap();
         {
-            let ledger = FileLedger::open(&path, Duration::from_secs(3600)).unwrap();
+            let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
             let claim = ledger
                 .claim(&job, "a", Duration::from_secs(30), None)
                 .await
@@ -409,7 +328,7 @@ mod tests {
             );
             ledger.finish(&job, "a", &result("j-1")).await.unwrap();
         }
-        let ledger = FileLedger::open(&path, Duration::from_secs(3600)).unwrap();
+        let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
         let claim = ledger
             .claim(&job, "c", Duration::from_secs(30), None)
             .await
@@ -421,15 +340,16 @@ mod tests {
     async fn entries_past_retention_are_swept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger");
-        let ledger = FileLedger::open(&path, Duration::from_secs(60)).unwrap();
+        let file = FileLedger::open(&path, Duration::from_secs(60)).unwrap();
+        let ledger = Ledger::File(file.clone());
         let old = JobId::parse("old").unwrap();
         ledger
             .claim(&old, "a", Duration::from_secs(30), None)
             .await
             .unwrap();
         ledger.finish(&old, "a", &result("old")).await.unwrap();
-        assert_eq!(ledger.sweep_before(now_ms()).unwrap(), 0);
-        assert_eq!(ledger.sweep_before(now_ms() + 61_000).unwrap(), 1);
-        assert!(ledger.is_empty().unwrap());
+        assert_eq!(file.sweep_before(now_ms()).unwrap(), 0);
+        assert_eq!(file.sweep_before(now_ms() + 61_000).unwrap(), 1);
+        assert!(file.is_empty().unwrap());
     }
 }

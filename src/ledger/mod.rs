@@ -300,6 +300,21 @@ impl Ledger {
         })
     }
 
+    /// One atomic read-modify-write of a job's entry: `change` sees the current
+    /// entry and returns its answer and the entry to store, if it changes. Every
+    /// operation below is a `decide_*` function run through here, so the two
+    /// backends differ only in how they store, never in what they decide.
+    async fn update<T: Send + 'static>(
+        &self,
+        job: &JobId,
+        change: impl FnMut(Option<Entry>) -> (T, Option<Entry>) + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        match self {
+            Self::File(l) => l.update(job, change).await,
+            Self::Redis(l) => l.update(job, change).await,
+        }
+    }
+
     /// Takes the job's lease, or reports that it is finished or held elsewhere.
     /// A job seen for the first time stores `first_marker` as its progress.
     pub async fn claim(
@@ -309,10 +324,11 @@ impl Ledger {
         lease: Duration,
         first_marker: Option<&Progress>,
     ) -> Result<Claim, LedgerError> {
-        match self {
-            Self::File(l) => l.claim(job, owner, lease, first_marker).await,
-            Self::Redis(l) => l.claim(job, owner, lease, first_marker).await,
-        }
+        let (owner, marker) = (owner.to_owned(), first_marker.cloned());
+        self.update(job, move |current| {
+            decide_claim(current, &owner, now_ms(), lease, marker.as_ref())
+        })
+        .await
     }
 
     /// Extends the lease while the job runs; false when another delivery took it.
@@ -322,10 +338,11 @@ impl Ledger {
         owner: &str,
         lease: Duration,
     ) -> Result<bool, LedgerError> {
-        match self {
-            Self::File(l) => l.renew(job, owner, lease).await,
-            Self::Redis(l) => l.renew(job, owner, lease).await,
-        }
+        let owner = owner.to_owned();
+        self.update(job, move |current| {
+            decide_renew(current, &owner, now_ms(), lease)
+        })
+        .await
     }
 
     /// Records progress (before a call: what is in flight; after: what happened),
@@ -337,10 +354,11 @@ impl Ledger {
         progress: &Progress,
         lease: Duration,
     ) -> Result<(), LedgerError> {
-        match self {
-            Self::File(l) => l.checkpoint(job, owner, progress, lease).await,
-            Self::Redis(l) => l.checkpoint(job, owner, progress, lease).await,
-        }
+        let (job_id, owner, progress) = (job.to_string(), owner.to_owned(), progress.clone());
+        self.update(job, move |current| {
+            decide_checkpoint(current, &job_id, &owner, &progress, now_ms(), lease)
+        })
+        .await?
     }
 
     /// Stores the final outcome, kept for the retention period, and returns the
@@ -351,18 +369,18 @@ impl Ledger {
         owner: &str,
         finished: &Finished,
     ) -> Result<Finished, LedgerError> {
-        match self {
-            Self::File(l) => l.finish(job, owner, finished).await,
-            Self::Redis(l) => l.finish(job, owner, finished).await,
-        }
+        let (job_id, owner, finished) = (job.to_string(), owner.to_owned(), finished.clone());
+        self.update(job, move |current| {
+            decide_finish(current, &job_id, &owner, &finished)
+        })
+        .await?
     }
 
     /// Gives up the lease of a delivery handed back before touching the vendor.
     pub async fn release(&self, job: &JobId, owner: &str) -> Result<(), LedgerError> {
-        match self {
-            Self::File(l) => l.release(job, owner).await,
-            Self::Redis(l) => l.release(job, owner).await,
-        }
+        let owner = owner.to_owned();
+        self.update(job, move |current| decide_release(current, &owner))
+            .await
     }
 }
 

@@ -10,10 +10,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::{
-    decide_checkpoint, decide_claim, decide_finish, decide_release, decide_renew, now_ms, Claim,
-    Entry, Finished, LedgerError, Progress,
-};
+use super::{Entry, LedgerError};
 use crate::job::JobId;
 
 /// Key prefix, so the ledger can share a Redis database with other data.
@@ -68,7 +65,7 @@ impl RedisLedger {
     }
 
     /// Reads, decides, and compare-and-sets until no other writer interfered.
-    async fn update<T>(
+    pub(super) async fn update<T>(
         &self,
         job: &JobId,
         mut change: impl FnMut(Option<Entry>) -> (T, Option<Entry>),
@@ -106,65 +103,5 @@ impl RedisLedger {
                 return Ok(answer);
             }
         }
-    }
-
-    /// See [`super::Ledger::claim`].
-    pub async fn claim(
-        &self,
-        job: &JobId,
-        owner: &str,
-        lease: Duration,
-        first_marker: Option<&Progress>,
-    ) -> Result<Claim, LedgerError> {
-        self.update(job, |current| {
-            decide_claim(current, owner, now_ms(), lease, first_marker)
-        })
-        .await
-    }
-
-    /// See [`super::Ledger::renew`].
-    pub async fn renew(
-        &self,
-        job: &JobId,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<bool, LedgerError> {
-        self.update(job, |current| decide_renew(current, owner, now_ms(), lease))
-            .await
-    }
-
-    /// See [`super::Ledger::checkpoint`].
-    pub async fn checkpoint(
-        &self,
-        job: &JobId,
-        owner: &str,
-        progress: &Progress,
-        lease: Duration,
-    ) -> Result<(), LedgerError> {
-        let job_id = job.to_string();
-        self.update(job, |current| {
-            decide_checkpoint(current, &job_id, owner, progress, now_ms(), lease)
-        })
-        .await?
-    }
-
-    /// See [`super::Ledger::finish`].
-    pub async fn finish(
-        &self,
-        job: &JobId,
-        owner: &str,
-        finished: &Finished,
-    ) -> Result<Finished, LedgerError> {
-        let job_id = job.to_string();
-        self.update(job, |current| {
-            decide_finish(current, &job_id, owner, finished)
-        })
-        .await?
-    }
-
-    /// See [`super::Ledger::release`].
-    pub async fn release(&self, job: &JobId, owner: &str) -> Result<(), LedgerError> {
-        self.update(job, |current| decide_release(current, owner))
-            .await
     }
 }
