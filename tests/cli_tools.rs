@@ -169,18 +169,9 @@ impl DeadLetterQueues {
 
     /// Messages waiting in a queue right now.
     async fn depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        account_worker::broker::queue_depth(&self.channel, queue)
             .await
             .expect("queue exists")
-            .message_count()
     }
 
     /// Takes every message off a queue, in order.

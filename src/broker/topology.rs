@@ -41,6 +41,25 @@ pub async fn declare_consumed(connection: &Connection, name: &str) -> Result<(),
     declare_one(connection, name).await.map(|_| ())
 }
 
+/// Messages ready in an existing queue (a passive declare: it creates nothing).
+pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> Result<u32, BrokerError> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|declared| declared.message_count())
+        .map_err(|cause| BrokerError::Topology {
+            queue: queue.to_owned(),
+            cause,
+        })
+}
+
 /// How a queue declaration went.
 #[derive(Debug, PartialEq, Eq)]
 enum Declared {
@@ -74,21 +93,10 @@ async fn declare_one(connection: &Connection, name: &str) -> Result<Declared, Br
         Err(error) if is_precondition_failed(&error) => {
             // The broker closed that channel; check existence on a fresh one.
             let channel = connection.create_channel().await?;
-            let queue = channel
-                .queue_declare(
-                    name.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(topology)?;
+            let messages = queue_depth(&channel, name).await?;
             info!(
                 queue = name,
-                messages = queue.message_count(),
-                "using existing queue with its own arguments"
+                messages, "using existing queue with its own arguments"
             );
             let _ = channel.close(200, "checked".into()).await;
             Ok(Declared::Existing)

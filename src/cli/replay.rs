@@ -6,7 +6,7 @@ use std::num::NonZeroUsize;
 
 use indicatif::ProgressBar;
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Acker, BasicProperties, Channel};
 
@@ -187,7 +187,9 @@ pub async fn dlq_replay(
         .create_channel()
         .await
         .map_err(BrokerError::from)?;
-    let waiting = waiting(&channel, &queues.dead).await?;
+    // Dead letters ready now: the run looks at no more than these, so one that
+    // fails again while the run goes on is left for the next run.
+    let waiting = broker::queue_depth(&channel, &queues.dead).await? as usize;
     let verb = if filter.dry_run {
         "looking"
     } else {
@@ -324,26 +326,6 @@ impl Run<'_> {
             let _ = acker.nack(requeue).await;
         }
     }
-}
-
-/// Dead letters ready in the queue now: the run looks at no more than these, so one
-/// that fails again while the run goes on is left for the next run.
-async fn waiting(channel: &Channel, queue: &str) -> Result<usize, BrokerError> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|cause| BrokerError::Topology {
-            queue: queue.to_owned(),
-            cause,
-        })?;
-    Ok(declared.message_count() as usize)
 }
 
 /// The copy's properties: persistent JSON, the original `x-job-id`, a new replay id.

@@ -235,18 +235,9 @@ impl Queues {
     /// Messages waiting in a queue right now (a passive declare).
     pub async fn depth(&self, queue: &str) -> u32 {
         let channel = self.connection.create_channel().await.expect("channel");
-        let queue = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        account_worker::broker::queue_depth(&channel, queue)
             .await
-            .expect("queue exists");
-        queue.message_count()
+            .expect("queue exists")
     }
 
     /// Deletes the test's queues.
