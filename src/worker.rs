@@ -307,7 +307,7 @@ impl Worker {
             .headers()
             .as_ref()
             .and_then(|headers| crate::broker::header_text(headers, REPLAY_HEADER));
-        let processing = std::panic::AssertUnwindSafe(self.pipeline.process_parsed(
+        let processing = std::panic::AssertUnwindSafe(self.pipeline.process(
             &delivery.data,
             parsed,
             replay_id.as_deref(),

@@ -49,7 +49,7 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
         .get("vendor")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let with_id = |_: Option<VendorKind>, reason: String| Malformed {
+    let with_id = |reason: String| Malformed {
         job_id: Some(job_id.clone()),
         vendor: vendor_text.clone(),
         reason,
@@ -59,14 +59,12 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
         Some("mimecast") => VendorKind::Mimecast,
         Some("pncp") => VendorKind::Pncp,
         Some(other) => {
-            return Err(with_id(
-                None,
-                format!("unknown vendor {other:?}; expected \"mimecast\" or \"pncp\""),
-            ))
+            return Err(with_id(format!(
+                "unknown vendor {other:?}; expected \"mimecast\" or \"pncp\""
+            )))
         }
         None => {
             return Err(with_id(
-                None,
                 "vendor must be \"mimecast\" or \"pncp\"".to_owned(),
             ))
         }
@@ -75,29 +73,28 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
         .keys()
         .find(|k| !matches!(k.as_str(), "jobId" | "vendor" | "data"))
     {
-        return Err(with_id(
-            Some(vendor),
-            format!("unknown field {unknown:?}; a job has only jobId, vendor and data"),
-        ));
+        return Err(with_id(format!(
+            "unknown field {unknown:?}; a job has only jobId, vendor and data"
+        )));
     }
     let data = match object.get("data") {
         Some(Value::Array(items)) if items.is_empty() => {
-            return Err(with_id(Some(vendor), "data is empty".to_owned()))
+            return Err(with_id("data is empty".to_owned()))
         }
         Some(Value::Array(items)) if items.len() > MAX_ITEMS => {
-            return Err(with_id(
-                Some(vendor),
-                format!("data has {} items; the limit is {MAX_ITEMS}", items.len()),
-            ))
+            return Err(with_id(format!(
+                "data has {} items; the limit is {MAX_ITEMS}",
+                items.len()
+            )))
         }
         Some(Value::Array(items)) => items,
         Some(other) => {
-            return Err(with_id(
-                Some(vendor),
-                format!("data must be an array, got {}", kind_of(other)),
-            ))
+            return Err(with_id(format!(
+                "data must be an array, got {}",
+                kind_of(other)
+            )))
         }
-        None => return Err(with_id(Some(vendor), "data is missing".to_owned())),
+        None => return Err(with_id("data is missing".to_owned())),
     };
 
     let mut items = Vec::with_capacity(data.len());

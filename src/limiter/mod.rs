@@ -143,14 +143,6 @@ pub struct Limiters {
 }
 
 impl Limiters {
-    /// Process-scope limiters with the configured ceilings.
-    pub fn new(mimecast: Option<RateLimit>, pncp: Option<RateLimit>) -> Self {
-        Self {
-            mimecast: VendorLimiter::new(mimecast),
-            pncp: VendorLimiter::new(pncp),
-        }
-    }
-
     /// The limiters `settings` ask for. In the fleet scope they share their
     /// state through `redis` (the Redis ledger's connection), which must be there.
     pub fn from_settings(

@@ -119,25 +119,15 @@ impl Pipeline {
         }
     }
 
-    /// Processes one message body. `stopping` is cancelled when the worker shuts
-    /// down: a job that has not yet touched the vendor is then handed back.
+    /// Processes one message body, already parsed by the caller (the worker
+    /// parses on delivery to keep each account's jobs in order). `stopping` is
+    /// cancelled when the worker shuts down: a job that has not yet touched the
+    /// vendor is then handed back.
     ///
     /// `replay_id` is set when an operator replayed the message from the
     /// dead-letter queue (`x-replay-id` header): the replay is then a new attempt
     /// at the change, with its own ledger entry.
     pub async fn process(
-        &self,
-        body: &[u8],
-        replay_id: Option<&str>,
-        stopping: &CancellationToken,
-    ) -> Outcome {
-        self.process_parsed(body, crate::job::parse(body), replay_id, stopping)
-            .await
-    }
-
-    /// As [`Pipeline::process`], for a body the caller already parsed (the
-    /// worker parses on delivery to keep each account's jobs in order).
-    pub async fn process_parsed(
         &self,
         body: &[u8],
         parsed: Result<Job, Malformed>,
