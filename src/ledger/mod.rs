@@ -243,13 +243,22 @@ pub fn decide_finish(
     }
 }
 
-/// Gives the lease up for a delivery handed back untouched: the next delivery
-/// need not wait for it to lapse, and the hand-back does not count as a delivery.
-pub fn decide_release(current: Option<Entry>, owner: &str) -> ((), Option<Entry>) {
+/// Gives the lease up for a delivery handed back: the next delivery need not
+/// wait for it to lapse, and the hand-back does not count as a delivery.
+/// `progress`, when given, replaces the stored progress: the caller knows none of
+/// its own calls was applied, so its state (inherited unknowns included) is exact.
+pub fn decide_release(
+    current: Option<Entry>,
+    owner: &str,
+    progress: Option<&Progress>,
+) -> ((), Option<Entry>) {
     match current {
         Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
             entry.lease_until_ms = 0;
             entry.deliveries = entry.deliveries.saturating_sub(1);
+            if let Some(progress) = progress {
+                entry.progress = progress.clone();
+            }
             ((), Some(entry))
         }
         _ => ((), None),
@@ -376,11 +385,19 @@ impl Ledger {
         .await?
     }
 
-    /// Gives up the lease of a delivery handed back before touching the vendor.
-    pub async fn release(&self, job: &JobId, owner: &str) -> Result<(), LedgerError> {
-        let owner = owner.to_owned();
-        self.update(job, move |current| decide_release(current, &owner))
-            .await
+    /// Gives up the lease of a delivery handed back; `progress` replaces the
+    /// stored one when none of this delivery's calls can have been applied.
+    pub async fn release(
+        &self,
+        job: &JobId,
+        owner: &str,
+        progress: Option<&Progress>,
+    ) -> Result<(), LedgerError> {
+        let (owner, progress) = (owner.to_owned(), progress.cloned());
+        self.update(job, move |current| {
+            decide_release(current, &owner, progress.as_ref())
+        })
+        .await
     }
 }
 
@@ -422,5 +439,33 @@ mod tests {
         assert_eq!(progress.in_flight, vec![0]);
         assert_eq!(deliveries, 2);
         assert_eq!(write.unwrap().owner, "b");
+    }
+
+    #[test]
+    fn a_release_after_nothing_was_applied_stores_the_exact_progress() {
+        let marker = Progress {
+            in_flight: vec![0],
+            ..Progress::default()
+        };
+        let (_, entry) = decide_claim(None, "a", 1_000, LEASE, Some(&marker));
+        let entry = entry.unwrap();
+        assert_eq!(
+            entry.progress.in_flight,
+            vec![0],
+            "the claim carries the marker"
+        );
+        let (_, released) = decide_release(Some(entry.clone()), "a", Some(&Progress::default()));
+        let released = released.unwrap();
+        assert!(
+            released.progress.in_flight.is_empty(),
+            "stopped before its call"
+        );
+        assert_eq!((released.lease_until_ms, released.deliveries), (0, 0));
+        let (_, kept) = decide_release(Some(entry), "a", None);
+        assert_eq!(
+            kept.unwrap().progress.in_flight,
+            vec![0],
+            "a call may have run"
+        );
     }
 }

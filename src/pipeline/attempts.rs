@@ -59,7 +59,7 @@ impl Pipeline {
         while !state.is_done() {
             let pass = tokio::select! {
                 pass = circuit.pass() => pass,
-                _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
+                _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
             };
             // The in-flight marker must be stored before an additive item is sent:
             // it is what keeps a redelivery from sending it again. Idempotent
@@ -68,9 +68,9 @@ impl Pipeline {
             // The claim may already hold the first round's marker.
             let needs_marker =
                 !std::mem::take(&mut premarked) && pending.iter().any(|item| item.is_additive());
-            let in_flight = state.progress(&pending);
             let marked = match needs_marker {
                 true => {
+                    let in_flight = state.progress(&pending);
                     self.ledger
                         .checkpoint(&state.job.ledger_key, owner, &in_flight, self.policy.lease)
                         .await
@@ -81,13 +81,13 @@ impl Pipeline {
                 // This delivery stalled past its lease and another one owns the
                 // job now: sending anything could apply a change twice.
                 warn!("lost the job's lease to another delivery; handing this one back");
-                return Err(Stop);
+                return Err(Stop::TOUCHED);
             }
             if let Err(e) = marked {
                 warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stopping.cancelled() => return Err(Stop),
+                    _ = stopping.cancelled() => return Err(Stop { untouched: !touched_vendor }),
                 }
             }
             state.attempts += 1;
@@ -128,7 +128,7 @@ impl Pipeline {
                 let wait = self.backoff.delay(unreachable_rounds);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue,
-                    _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
+                    _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
                 }
             }
             if round.throttled && !round.answered && !round.server_failed {
@@ -173,7 +173,7 @@ impl Pipeline {
             debug!(wait_ms = wait.as_millis() as u64, "retrying pending items");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stopping.cancelled(), if !touched_vendor => return Err(Stop),
+                _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
             }
         }
         Ok(())

@@ -54,7 +54,16 @@ pub enum Outcome {
 
 /// The worker is stopping and this job has not touched the vendor: hand it back.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Stop;
+pub(crate) struct Stop {
+    /// Nothing this delivery sent can have been applied (every call failed
+    /// before the vendor acted, or none was made), so its in-flight marker may go.
+    pub(crate) untouched: bool,
+}
+
+impl Stop {
+    pub(crate) const UNTOUCHED: Self = Self { untouched: true };
+    pub(crate) const TOUCHED: Self = Self { untouched: false };
+}
 
 /// How the pipeline treats the ledger and repeated deliveries.
 #[derive(Debug, Clone, Copy)]
@@ -161,7 +170,7 @@ impl Pipeline {
             .claim(&job, &owner, first_marker.as_ref(), stopping)
             .await
         {
-            Err(Stop) => return Outcome::HandBack,
+            Err(_) => return Outcome::HandBack,
             Ok(Err(finished)) => {
                 info!("already finished: publishing its stored outcome again without calling the vendor");
                 self.metrics.ledger_duplicate();
@@ -221,10 +230,18 @@ impl Pipeline {
             }
         };
         drop(renewal);
-        if let Err(Stop) = outcome {
+        if let Err(stop) = outcome {
             // Release the lease so the next delivery need not wait for it to lapse
-            // (a no-op when another delivery took it).
-            let _ = self.ledger.release(&state.job.ledger_key, &owner).await;
+            // (a no-op when another delivery took it). When nothing this delivery
+            // sent was applied, its exact state replaces the stored progress: a
+            // job stopped before its call (its claim may carry the first call's
+            // marker) must not come back as an unknown outcome, while unknowns
+            // it inherited stay recorded as such.
+            let exact = stop.untouched.then(|| state.progress(&[]));
+            let _ = self
+                .ledger
+                .release(&state.job.ledger_key, &owner, exact.as_ref())
+                .await;
             return Outcome::HandBack;
         }
         let outcome = finished(&state);
@@ -342,7 +359,7 @@ impl Pipeline {
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stopping.cancelled() => return Err(Stop),
+                _ = stopping.cancelled() => return Err(Stop::UNTOUCHED),
             }
             wait = (wait * 2).min(Duration::from_secs(2));
         }
