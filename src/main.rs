@@ -43,7 +43,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 worker.health().clone(),
                 stop.clone(),
             ));
-            worker.run(stop).await;
+            // On a runtime thread, not the main one: each job task is spawned from
+            // where its delivery arrived, so it starts without a cross-thread wake-up.
+            let running = tokio::spawn(async move { worker.run(stop).await });
+            running
+                .await
+                .context("the worker task panicked; this is a bug, please report it")?;
             let _ = endpoints.await;
         }
         Command::Check => cli::check::run(&settings).await?,

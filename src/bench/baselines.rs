@@ -1,10 +1,16 @@
-//! The two reference consumers the worker is measured against, run as child
+//! The reference consumers the worker is measured against, run as child
 //! processes exactly like the worker:
 //!
 //! - **naive**: one job at a time, prefetch 1, a fresh HTTP connection per call,
 //!   as the vendor's sample code would be if wrapped in a consume loop;
 //! - **pass-through**: acks and publishes a result without calling any vendor, with
-//!   the worker's prefetch, durable queues and confirms: the broker ceiling.
+//!   the worker's prefetch, durable queues and confirms: the broker ceiling;
+//! - **pass-through + ledger** and **pass-through + call**: the ceiling plus one of
+//!   the two things the worker must do per job (its two durable ledger writes, or
+//!   its vendor call), so the table shows what each costs on its own.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -16,8 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError, Publisher};
 use crate::config::Settings;
+use crate::job::{Item, JobResult, JobStatus, ResultMeta};
+use crate::ledger::{Finished, Ledger, Progress};
+use crate::limiter::Limiters;
 use crate::vendor::mimecast::UPDATE_ACCOUNT_PATH;
-use crate::vendor::signing;
+use crate::vendor::{signing, VendorClient, Vendors};
 
 /// Which reference consumer to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -26,12 +35,109 @@ pub enum Baseline {
     Naive,
     /// No vendor call at all: the broker's ceiling.
     Passthrough,
+    /// The ceiling plus the worker's ledger writes: the claim with the in-flight
+    /// marker, then the outcome, each durable before going on.
+    PassthroughLedger,
+    /// The ceiling plus the worker's vendor client making the job's call.
+    PassthroughCall,
+}
+
+/// Why a reference consumer could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BaselineError {
+    /// Its ledger or vendor client could not be set up.
+    #[error("cannot set up the reference consumer: {0}; check LEDGER_URL and MIMECAST_* settings")]
+    Setup(String),
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// What a pass-through does per job besides acking and publishing.
+#[derive(Clone)]
+enum Extra {
+    None,
+    Ledger(Ledger, Duration),
+    Call(VendorClient, Arc<Limiters>),
+}
+
+impl Extra {
+    async fn open(settings: &Settings, baseline: Baseline) -> Result<Self, BaselineError> {
+        let setup = |e: &dyn std::fmt::Display| BaselineError::Setup(e.to_string());
+        Ok(match baseline {
+            Baseline::PassthroughLedger => Self::Ledger(
+                Ledger::open(&settings.ledger)
+                    .await
+                    .map_err(|e| setup(&e))?,
+                settings.ledger.lease,
+            ),
+            Baseline::PassthroughCall => Self::Call(
+                Vendors::from_settings(settings)
+                    .map_err(|e| setup(&e))?
+                    .mimecast
+                    .ok_or_else(|| setup(&"MIMECAST_BASE_URL is not set"))?,
+                Arc::new(Limiters::from_settings(settings, None).map_err(|e| setup(&e))?),
+            ),
+            Baseline::Naive | Baseline::Passthrough => Self::None,
+        })
+    }
+
+    /// Does the extra work for one job; false when it failed (no result then).
+    async fn apply(&self, body: &[u8]) -> bool {
+        let Ok(job) = crate::job::parse(body) else {
+            return matches!(self, Self::None);
+        };
+        match self {
+            Self::None => true,
+            Self::Ledger(ledger, lease) => {
+                let owner = uuid::Uuid::new_v4().to_string();
+                let marker = Progress {
+                    in_flight: job.items.iter().map(|item| item.index).collect(),
+                    ..Progress::default()
+                };
+                let finished = Finished {
+                    result: JobResult {
+                        job_id: job.id.to_string(),
+                        vendor: job.vendor.as_str().to_owned(),
+                        status: JobStatus::Succeeded,
+                        meta: ResultMeta { status: 200 },
+                        data: Vec::new(),
+                        fail: Vec::new(),
+                        attempts: 1,
+                    },
+                    dead_letter: None,
+                };
+                ledger
+                    .claim(&job.ledger_key, &owner, *lease, Some(&marker))
+                    .await
+                    .is_ok()
+                    && ledger
+                        .finish(&job.ledger_key, &owner, &finished)
+                        .await
+                        .is_ok()
+            }
+            Self::Call(client, limiters) => {
+                let items: Vec<&Item> = job.items.iter().collect();
+                client.send(&items, limiters.get(job.vendor)).await.is_ok()
+            }
+        }
+    }
 }
 
 /// Consumes `JOBS_QUEUE` until `stop` is cancelled.
 pub async fn run(
     settings: &Settings,
     baseline: Baseline,
+    stop: CancellationToken,
+) -> Result<(), BaselineError> {
+    let extra = Extra::open(settings, baseline).await?;
+    Ok(consume(settings, baseline, extra, stop).await?)
+}
+
+async fn consume(
+    settings: &Settings,
+    baseline: Baseline,
+    extra: Extra,
     stop: CancellationToken,
 ) -> Result<(), BrokerError> {
     let queues = &settings.broker.jobs_queue;
@@ -41,7 +147,7 @@ pub async fn run(
     let channel = connection.create_channel().await?;
     let prefetch = match baseline {
         Baseline::Naive => 1,
-        Baseline::Passthrough => {
+        Baseline::Passthrough | Baseline::PassthroughLedger | Baseline::PassthroughCall => {
             u16::try_from(settings.broker.concurrency.get()).unwrap_or(u16::MAX)
         }
     };
@@ -70,18 +176,20 @@ pub async fn run(
                 respond(&publisher, &queues.results, &delivery.data, result).await?;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
             }
-            Baseline::Passthrough => {
+            Baseline::Passthrough | Baseline::PassthroughLedger | Baseline::PassthroughCall => {
                 let publisher = publisher.clone();
                 let results = queues.results.clone();
+                let extra = extra.clone();
                 tokio::spawn(async move {
-                    if respond(
-                        &publisher,
-                        &results,
-                        &delivery.data,
-                        json!({"status": "succeeded"}),
-                    )
-                    .await
-                    .is_ok()
+                    if extra.apply(&delivery.data).await
+                        && respond(
+                            &publisher,
+                            &results,
+                            &delivery.data,
+                            json!({"status": "succeeded"}),
+                        )
+                        .await
+                        .is_ok()
                     {
                         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
                     }

@@ -25,6 +25,10 @@ pub(crate) enum Consumer {
     Naive,
     /// Ack and publish a result without any vendor call.
     Passthrough,
+    /// The pass-through plus the worker's two durable ledger writes per job.
+    PassthroughLedger,
+    /// The pass-through plus the worker's vendor call per job.
+    PassthroughCall,
 }
 
 /// One row of the benchmark.
@@ -284,6 +288,8 @@ fn spawn_consumer(
         Consumer::Worker => command.arg("run"),
         Consumer::Naive => command.args(["bench-consumer", "naive"]),
         Consumer::Passthrough => command.args(["bench-consumer", "passthrough"]),
+        Consumer::PassthroughLedger => command.args(["bench-consumer", "passthrough-ledger"]),
+        Consumer::PassthroughCall => command.args(["bench-consumer", "passthrough-call"]),
     };
     let ledger = work.join(format!("ledger-{}", uuid::Uuid::new_v4().simple()));
     command

@@ -56,6 +56,20 @@ fn cases(options: &BenchOptions) -> Vec<(&'static str, Case)> {
                 ..worker("ceiling-0ms-c64", n, 64, 0)
             },
         ),
+        (
+            "0 ms",
+            Case {
+                consumer: Consumer::PassthroughLedger,
+                ..worker("ceiling-ledger-0ms-c64", n, 64, 0)
+            },
+        ),
+        (
+            "0 ms",
+            Case {
+                consumer: Consumer::PassthroughCall,
+                ..worker("ceiling-call-0ms-c64", n, 64, 0)
+            },
+        ),
         ("0 ms", worker("worker-0ms-c64", n, 64, 0)),
         (
             "0 ms",
@@ -164,6 +178,8 @@ fn consumer_name(case: &Case) -> &'static str {
         Consumer::Worker => "worker",
         Consumer::Naive => "naive baseline",
         Consumer::Passthrough => "broker ceiling",
+        Consumer::PassthroughLedger => "ceiling + ledger writes",
+        Consumer::PassthroughCall => "ceiling + vendor call",
     }
 }
 
@@ -213,6 +229,19 @@ fn print_ratios(rows: &[(&str, Case, Measurement)]) {
             "- worker / broker ceiling at 0 ms, c=64: {:.0}%",
             worker.jobs_per_second() / ceiling * 100.0
         );
+    }
+    if let Some(ceiling) = ceiling {
+        for (name, part) in [
+            ("ceiling-ledger-0ms-c64", "its two durable ledger writes"),
+            ("ceiling-call-0ms-c64", "its vendor call"),
+        ] {
+            if let Some(m) = find(rows, name) {
+                println!(
+                    "- broker ceiling plus only {part} per job: {:.0}% of the ceiling",
+                    m.jobs_per_second() / ceiling * 100.0
+                );
+            }
+        }
     }
     if let (Some(worker), Some(naive)) = (find(rows, "worker-0ms-c64"), find(rows, "naive-0ms")) {
         println!(

@@ -17,8 +17,10 @@ use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
 mod attempts;
+mod lease;
 mod state;
 
+use lease::LeaseKeeper;
 use state::JobState;
 
 /// A message for `<JOBS_QUEUE>.dead`, with the contract's headers.
@@ -85,6 +87,7 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     policy: LedgerPolicy,
     batchers: Batchers,
+    leases: LeaseKeeper,
 }
 
 /// The batching task of each vendor that has one (`MIMECAST_BATCH_MAX` > 1).
@@ -105,6 +108,7 @@ impl Batchers {
 
 impl Pipeline {
     /// A pipeline over the configured vendors, limits, ledger and batchers.
+    /// Starts the lease renewing task, so it must be called inside a Tokio runtime.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vendors: Vendors,
@@ -117,6 +121,7 @@ impl Pipeline {
         batchers: Batchers,
     ) -> Self {
         Self {
+            leases: LeaseKeeper::start(ledger.clone(), policy.lease),
             vendors,
             limiters,
             circuits,
@@ -195,8 +200,8 @@ impl Pipeline {
                 "resuming a job whose earlier delivery was interrupted"
             );
         }
-        // Aborted when dropped, so a panic cannot leave the lease renewed forever.
-        let renewal = AbortOnDrop(self.keep_lease(&state.job, &owner));
+        // Released when dropped, so a panic cannot leave the lease renewed forever.
+        let renewal = self.leases.hold(&state.job.ledger_key, &owner);
         let outcome = if deliveries > self.policy.max_deliveries {
             warn!(
                 deliveries,
@@ -364,28 +369,6 @@ impl Pipeline {
             wait = (wait * 2).min(Duration::from_secs(2));
         }
     }
-
-    /// Renews the lease in the background for as long as the job runs.
-    fn keep_lease(&self, job: &Job, owner: &str) -> tokio::task::JoinHandle<()> {
-        let ledger = self.ledger.clone();
-        let job_id = job.ledger_key.clone();
-        let owner = owner.to_owned();
-        let lease = self.policy.lease;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(lease / 3);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                match ledger.renew(&job_id, &owner, lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        warn!(job_id = %job_id, "lost the job's lease to another delivery")
-                    }
-                    Err(e) => warn!(job_id = %job_id, error = %e, "cannot renew the job's lease"),
-                }
-            }
-        })
-    }
 }
 
 fn finished(state: &JobState) -> Outcome {
@@ -441,15 +424,5 @@ fn malformed_outcome(body: &[u8], malformed: Malformed) -> Outcome {
             attempts: 0,
             job_id: malformed.job_id.map(|id| id.to_string()),
         }),
-    }
-}
-
-/// Aborts a background task when dropped, on every path out of a job.
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
