@@ -112,6 +112,7 @@ impl Worker {
                 max_deliveries: settings.broker.max_deliveries.get(),
             },
             batchers,
+            settings.broker.concurrency.get(),
         ));
         Ok(Self {
             settings: Arc::new(settings),
@@ -173,8 +174,7 @@ impl Worker {
         };
         let consumer = async {
             let channel = connection.create_channel().await?;
-            // Prefetch equals concurrency: the broker, not the backlog, bounds memory.
-            let prefetch = u16::try_from(broker.concurrency.get()).unwrap_or(u16::MAX);
+            let prefetch = prefetch(broker.concurrency.get());
             channel
                 .basic_qos(prefetch, BasicQosOptions::default())
                 .await?;
@@ -287,6 +287,10 @@ impl Worker {
 
     /// Runs one delivery through the pipeline, publishes what it produced, and
     /// acks only once every publish is confirmed.
+    ///
+    /// The job waits for its account's turn before the pipeline gives it one of
+    /// the `WORKER_CONCURRENCY` slots, in that order: a job holding a slot can
+    /// always go on, so jobs waiting for their turn cannot deadlock the slots.
     async fn handle(
         &self,
         delivery: Delivery,
@@ -370,6 +374,15 @@ impl Worker {
         }
         metrics.in_flight(-1);
     }
+}
+
+/// Deliveries the broker may push ahead of the jobs running: twice the
+/// concurrency, so a freed slot starts its next job at once instead of waiting a
+/// broker round trip for it, and finished jobs publish and ack while the next
+/// ones run. Memory stays bounded by the prefetch, not the backlog. Measured in
+/// `account-worker bench` (README, Performance).
+pub fn prefetch(concurrency: usize) -> u16 {
+    u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
 }
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {

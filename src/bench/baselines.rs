@@ -148,7 +148,7 @@ async fn consume(
     let prefetch = match baseline {
         Baseline::Naive => 1,
         Baseline::Passthrough | Baseline::PassthroughLedger | Baseline::PassthroughCall => {
-            u16::try_from(settings.broker.concurrency.get()).unwrap_or(u16::MAX)
+            crate::worker::prefetch(settings.broker.concurrency.get())
         }
     };
     channel

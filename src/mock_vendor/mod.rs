@@ -211,6 +211,13 @@ impl MockVendor {
     /// latency and throttles stay as they are.
     pub fn reset(&self) {
         self.shared.lock().reset();
+        self.shared.reset_peak();
+    }
+
+    /// The most requests this mock served at once since it started or was
+    /// reset: what a client's concurrency limit must hold below.
+    pub fn peak_concurrent_requests(&self) -> usize {
+        self.shared.peak_serving()
     }
 
     /// Resolves once at least `n` requests have been recorded, so tests await

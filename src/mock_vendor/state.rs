@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::{Index, IndexMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,10 @@ pub(super) struct Shared {
     pub(super) config: MockVendorConfig,
     started: Instant,
     inner: Mutex<Inner>,
+    /// Requests being served now, and the most at once since the last reset:
+    /// what a client's concurrency limit is checked against.
+    serving: AtomicUsize,
+    peak_serving: AtomicUsize,
 }
 
 impl Shared {
@@ -27,7 +32,20 @@ impl Shared {
             config,
             started: Instant::now(),
             inner: Mutex::new(Inner::new(latency)),
+            serving: AtomicUsize::new(0),
+            peak_serving: AtomicUsize::new(0),
         }
+    }
+
+    /// The most requests served at once since the last [`Self::reset_peak`].
+    pub(super) fn peak_serving(&self) -> usize {
+        self.peak_serving.load(Ordering::SeqCst)
+    }
+
+    /// Starts the peak count again from the requests being served now.
+    pub(super) fn reset_peak(&self) {
+        self.peak_serving
+            .store(self.serving.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     /// Locks the state; hold the guard for a few synchronous steps only.
@@ -227,6 +245,8 @@ impl Pending {
         body: Value,
     ) -> Self {
         let at_ms = shared.elapsed_ms();
+        let serving = shared.serving.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.peak_serving.fetch_max(serving, Ordering::SeqCst);
         Self {
             shared: Arc::clone(shared),
             draft: Some(Draft {
@@ -259,6 +279,7 @@ impl Pending {
     /// applied change and its record appear together.
     pub(super) fn finish(&mut self, inner: &mut Inner, status: u16, applied: bool) {
         if let Some(draft) = self.draft.take() {
+            self.shared.serving.fetch_sub(1, Ordering::SeqCst);
             inner.record(draft, status, applied);
         }
     }
@@ -267,6 +288,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(draft) = self.draft.take() {
+            self.shared.serving.fetch_sub(1, Ordering::SeqCst);
             self.shared.lock().record(draft, STATUS_CLIENT_GONE, false);
         }
     }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -88,6 +89,10 @@ pub struct Pipeline {
     policy: LedgerPolicy,
     batchers: Batchers,
     leases: LeaseKeeper,
+    /// `WORKER_CONCURRENCY`: jobs between their ledger claim and their last
+    /// vendor call. Storing the outcome, publishing and acking happen outside
+    /// a slot, overlapping with the next job's call; the prefetch bounds those.
+    slots: Semaphore,
 }
 
 /// The batching task of each vendor that has one (`MIMECAST_BATCH_MAX` > 1).
@@ -119,8 +124,10 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         policy: LedgerPolicy,
         batchers: Batchers,
+        concurrency: usize,
     ) -> Self {
         Self {
+            slots: Semaphore::new(concurrency),
             leases: LeaseKeeper::start(ledger.clone(), policy.lease),
             vendors,
             limiters,
@@ -169,6 +176,13 @@ impl Pipeline {
     }
 
     async fn process_job(&self, job: Job, stopping: &CancellationToken) -> Outcome {
+        let slot = tokio::select! {
+            slot = self.slots.acquire() => slot.ok(),
+            _ = stopping.cancelled() => None,
+        };
+        let Some(slot) = slot else {
+            return Outcome::HandBack;
+        };
         let owner = uuid::Uuid::new_v4().to_string();
         let first_marker = self.first_marker(&job);
         let (progress, deliveries) = match self
@@ -235,6 +249,7 @@ impl Pipeline {
             }
         };
         drop(renewal);
+        drop(slot);
         if let Err(stop) = outcome {
             // Release the lease so the next delivery need not wait for it to lapse
             // (a no-op when another delivery took it). When nothing this delivery
