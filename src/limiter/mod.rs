@@ -63,7 +63,7 @@ impl VendorLimiter {
         Self {
             local: LocalLimiter::new(rate.map(interval), DEFAULT_IN_FLIGHT),
             fleet: None,
-            gate: ProbeGate::default(),
+            gate: ProbeGate::armed(),
         }
     }
 
@@ -176,7 +176,7 @@ impl Limiters {
                     let endpoint = endpoint.unwrap_or_else(|| "unconfigured".to_owned());
                     FleetLimiter::new(vendor, &endpoint, interval, connection)
                 }),
-                gate: ProbeGate::default(),
+                gate: ProbeGate::armed(),
             }
         });
         Ok(Self { mimecast, pncp })
@@ -237,10 +237,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_low_quota_slows_the_ceiling_down() {
         let limiter = VendorLimiter::new(RateLimit::parse("100/s"));
-        limiter.observe(QuotaHint {
+        limiter.call_answered(Some(QuotaHint {
             remaining: 3,
             reset: Duration::from_millis(900),
-        });
+        }));
         let start = Instant::now();
         for _ in 0..3 {
             limiter.acquire().await;

@@ -1,4 +1,6 @@
 //! After a 429 pause, one call goes first and the rest wait for its answer.
+//! The same holds when the worker starts: it knows nothing of the vendor's
+//! quota until a first answer reports it.
 //!
 //! Without this, every call that queued up during the pause is released at the
 //! same instant and the vendor answers most of them 429 again. The first answer
@@ -23,6 +25,15 @@ pub(super) struct ProbeGate {
 }
 
 impl ProbeGate {
+    /// A gate that holds all but the first call from the start (a slow start):
+    /// without it a worker with 64 jobs ready sends 64 calls before any answer
+    /// can tell it the vendor allows 10 a second, and most come back 429.
+    pub(super) fn armed() -> Self {
+        let gate = Self::default();
+        gate.arm();
+        gate
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.probe_until.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -108,6 +119,21 @@ mod tests {
         );
         gate.answered();
         assert!(second.await.unwrap(), "the second call waited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_gate_lets_one_call_go_before_any_answer() {
+        let gate = Arc::new(ProbeGate::armed());
+        assert!(!gate.pass().await, "the first call goes at once");
+        let second = {
+            let gate = gate.clone();
+            tokio::spawn(async move { gate.pass().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "the rest wait for the first answer");
+        gate.answered();
+        assert!(second.await.unwrap());
+        assert!(!gate.pass().await, "after the answer, calls go at once");
     }
 
     #[tokio::test(start_paused = true)]
