@@ -253,6 +253,9 @@ impl Worker {
         if let Some(cause) = end {
             // Let in-flight jobs finish their vendor calls: their acks will fail and
             // the broker redelivers them, but what they did is not cut in half.
+            // Jobs that have not reached the vendor stop, as on shutdown: their
+            // deliveries are already back in the queue.
+            stopping.cancel();
             tasks.detach_all();
             return SessionEnd::Lost(cause);
         }
@@ -302,9 +305,12 @@ impl Worker {
     ) {
         let metrics = self.health.metrics();
         metrics.in_flight(1);
+        // Stopping first: a later job of an account must not start while an
+        // earlier one is being handed back.
         let my_turn = tokio::select! {
-            _ = place.wait_turn() => true,
+            biased;
             _ = stopping.cancelled() => false,
+            _ = place.wait_turn() => true,
         };
         let replay_id = delivery
             .properties

@@ -82,7 +82,7 @@ impl Extra {
         })
     }
 
-    /// Does the extra work for one job; false when it failed (no result then).
+    /// Does the extra work for one job; false when it failed.
     async fn apply(&self, body: &[u8]) -> bool {
         let Ok(job) = crate::job::parse(body) else {
             return matches!(self, Self::None);
@@ -181,15 +181,20 @@ async fn consume(
                 let results = queues.results.clone();
                 let extra = extra.clone();
                 tokio::spawn(async move {
-                    if extra.apply(&delivery.data).await
-                        && respond(
-                            &publisher,
-                            &results,
-                            &delivery.data,
-                            json!({"status": "succeeded"}),
-                        )
-                        .await
-                        .is_ok()
+                    // A failed extra still answers, so the run counts the job
+                    // instead of stalling on it.
+                    let status = match extra.apply(&delivery.data).await {
+                        true => "succeeded",
+                        false => "failed",
+                    };
+                    if respond(
+                        &publisher,
+                        &results,
+                        &delivery.data,
+                        json!({"status": status}),
+                    )
+                    .await
+                    .is_ok()
                     {
                         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
                     }

@@ -254,6 +254,8 @@ pub fn decide_release(
 ) -> ((), Option<Entry>) {
     match current {
         Some(mut entry) if entry.owner == owner && entry.finished.is_none() => {
+            // No owner any more: a renewal still on its way cannot revive the lease.
+            entry.owner = String::new();
             entry.lease_until_ms = 0;
             entry.deliveries = entry.deliveries.saturating_sub(1);
             if let Some(progress) = progress {
@@ -439,6 +441,22 @@ mod tests {
         assert_eq!(progress.in_flight, vec![0]);
         assert_eq!(deliveries, 2);
         assert_eq!(write.unwrap().owner, "b");
+    }
+
+    #[test]
+    fn a_renewal_arriving_after_a_release_does_not_revive_the_lease() {
+        let (_, entry) = decide_claim(None, "a", 1_000, LEASE, None);
+        let (_, released) = decide_release(entry, "a", None);
+        let (renewed, write) = decide_renew(released.clone(), "a", 2_000, LEASE);
+        assert!(
+            !renewed && write.is_none(),
+            "the released delivery owns nothing"
+        );
+        let (claim, _) = decide_claim(released, "b", 2_000, LEASE, None);
+        assert!(
+            matches!(claim, Claim::Owned { .. }),
+            "the next delivery takes it at once"
+        );
     }
 
     #[test]

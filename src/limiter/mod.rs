@@ -121,8 +121,8 @@ impl VendorLimiter {
     /// Holds every call to the vendor for `duration` (a 429's reset), fleet-wide
     /// in the fleet scope.
     pub fn pause_for(&self, duration: Duration) {
-        self.gate.arm();
         self.local.pause_for(duration);
+        self.gate.rearm();
         if let Some(fleet) = &self.fleet {
             fleet.share_pause(duration);
         }
@@ -214,6 +214,34 @@ mod tests {
         // The call after a 429 pause goes alone; once it is answered, the rest go.
         limiter.call_answered(None);
         assert!(limiter.acquire().await < Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_for_the_first_call_holds_the_rest_past_the_pause_then_sends_one_probe() {
+        let limiter = std::sync::Arc::new(VendorLimiter::new(None));
+        // A starting worker: the first call goes alone.
+        limiter.acquire().await;
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.acquire().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // The vendor answers it 429 with a reset longer than the probe timeout.
+        limiter.pause_for(Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let gone = waiting.iter().filter(|task| task.is_finished()).count();
+        assert_eq!(
+            gone, 1,
+            "after the pause one call goes first, not all of them"
+        );
+        limiter.call_answered(None);
+        for task in waiting {
+            task.await.unwrap();
+        }
+        assert!(started.elapsed() >= Duration::from_secs(5));
     }
 
     #[test]

@@ -43,8 +43,8 @@ impl ProbeGate {
         self.armed.load(Ordering::Acquire)
     }
 
-    /// A 429 arrived, or a slowed-down quota window ended: the next call goes
-    /// alone. Arming an armed gate changes nothing, so many callers may do it.
+    /// A slowed-down quota window ended: the next call goes alone. Arming an
+    /// armed gate changes nothing, so many callers may do it.
     pub(super) fn arm(&self) {
         if self
             .armed
@@ -55,6 +55,16 @@ impl ProbeGate {
         }
     }
 
+    /// The vendor paused calls (a 429, or a quota of zero): after the pause a
+    /// new probe goes first, even if a probe was already out (the one at start
+    /// may be what got the 429). Waiters go back to the limiter, which holds
+    /// them for the pause, so the probe's timeout cannot run out during it.
+    pub(super) fn rearm(&self) {
+        self.armed.store(true, Ordering::Release);
+        *self.lock() = None;
+        self.answered.notify_waiters();
+    }
+
     /// A response with quota headers (or the timeout) ends the wait.
     pub(super) fn answered(&self) {
         if self.armed.swap(false, Ordering::AcqRel) {
@@ -63,37 +73,35 @@ impl ProbeGate {
         }
     }
 
-    /// Returns at once unless armed; then the first caller goes, the others
-    /// wait for its answer or the timeout. Returns whether this caller waited,
-    /// in which case it must take a fresh turn under the pacing that answer set.
+    /// Returns at once unless armed; then the first caller goes as the probe,
+    /// the others wait for its answer, a re-arm, or the timeout. Returns whether
+    /// this caller waited, in which case it must take a fresh turn under the
+    /// pacing (or pause) that answer set, and pass the gate again.
     pub(super) async fn pass(&self) -> bool {
-        let mut waited = false;
-        loop {
-            if !self.armed.load(Ordering::Acquire) {
-                return waited;
-            }
-            let notified = self.answered.notified();
-            let wait_until = {
-                let mut probe = self.lock();
-                match *probe {
-                    None => {
-                        *probe = Some(Instant::now() + PROBE_TIMEOUT);
-                        return waited;
-                    }
-                    Some(until) if until <= Instant::now() => {
-                        drop(probe);
-                        self.answered();
-                        return waited;
-                    }
-                    Some(until) => until,
+        if !self.armed.load(Ordering::Acquire) {
+            return false;
+        }
+        let notified = self.answered.notified();
+        let wait_until = {
+            let mut probe = self.lock();
+            match *probe {
+                None => {
+                    *probe = Some(Instant::now() + PROBE_TIMEOUT);
+                    return false;
                 }
-            };
-            waited = true;
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(wait_until) => {}
+                Some(until) => until,
+            }
+        };
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep_until(wait_until) => {
+                // The probe's answer was lost: stop holding calls back.
+                if *self.lock() == Some(wait_until) {
+                    self.answered();
+                }
             }
         }
+        true
     }
 }
 

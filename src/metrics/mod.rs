@@ -136,7 +136,7 @@ impl Metrics {
         );
         registry.register(
             "jobs_in_flight",
-            "Jobs being processed now",
+            "Jobs this worker holds now: running, waiting for a concurrency slot or their account's turn, or publishing (at most the prefetch, 2 x WORKER_CONCURRENCY)",
             jobs_in_flight.clone(),
         );
         registry.register(

@@ -177,8 +177,9 @@ impl Pipeline {
 
     async fn process_job(&self, job: Job, stopping: &CancellationToken) -> Outcome {
         let slot = tokio::select! {
-            slot = self.slots.acquire() => slot.ok(),
+            biased;
             _ = stopping.cancelled() => None,
+            slot = self.slots.acquire() => slot.ok(),
         };
         let Some(slot) = slot else {
             return Outcome::HandBack;

@@ -157,6 +157,9 @@ impl PncpClient {
         let (url, path) = self.resource(&segments);
         let deadline = Instant::now() + self.task_timeout;
         let mut delay = FIRST_POLL_DELAY;
+        // The 202 is the vendor's answer: calls held behind this one (the probe
+        // after a start or a 429) may go, and its own polls must not wait for it.
+        limiter.call_answered(None);
         loop {
             // Each poll is a call to the vendor and is charged like one.
             limiter.acquire().await;
