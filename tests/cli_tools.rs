@@ -8,12 +8,9 @@ use std::process::Stdio;
 use account_worker::broker::header_text;
 use account_worker::config::QueueNames;
 use lapin::message::BasicGetMessage;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 
 use common::{amqp_url, unique_queue, EVENT_TIMEOUT};
 
@@ -95,31 +92,7 @@ impl DeadLetterQueues {
     async fn open_with(test: &str, jobs_arguments: FieldTable) -> Self {
         let names = QueueNames::new(&unique_queue(test)).expect("queue name");
         let url = amqp_url();
-        let connection = Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ must be running (scripts/ensure-services starts it)");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        for name in [&names.jobs, &names.results, &names.dead] {
-            let arguments = match name == &names.jobs {
-                true => jobs_arguments.clone(),
-                false => FieldTable::default(),
-            };
-            channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    arguments,
-                )
-                .await
-                .expect("declare");
-        }
+        let (connection, channel) = common::declare_queues(&names, jobs_arguments).await;
         Self {
             names,
             url,

@@ -105,31 +105,45 @@ pub struct Queues {
     dead: Option<Consumer>,
 }
 
+/// Connects with publisher confirms on and declares the three durable queues of
+/// `names`, the jobs queue with `jobs_arguments` (which must match the worker's).
+pub async fn declare_queues(
+    names: &QueueNames,
+    jobs_arguments: FieldTable,
+) -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running (scripts/ensure-services starts it)");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    for name in [&names.jobs, &names.results, &names.dead] {
+        let arguments = match name == &names.jobs {
+            true => jobs_arguments.clone(),
+            false => FieldTable::default(),
+        };
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("declare");
+    }
+    (connection, channel)
+}
+
 impl Queues {
     /// Declares the three queues for `jobs_queue` and starts consuming the outputs.
     pub async fn open(jobs_queue: &str) -> Self {
         let names = QueueNames::new(jobs_queue).expect("queue name");
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ must be running (scripts/ensure-services starts it)");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        for name in [&names.jobs, &names.results, &names.dead] {
-            channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .expect("declare");
-        }
+        let (connection, channel) = declare_queues(&names, FieldTable::default()).await;
         Self {
             names,
             connection,
