@@ -275,11 +275,18 @@ impl Pending {
         }
     }
 
+    /// The draft to record, the first time only; from then on the request no
+    /// longer counts as being served.
+    fn take_draft(&mut self) -> Option<Draft> {
+        let draft = self.draft.take()?;
+        self.shared.serving.fetch_sub(1, Ordering::SeqCst);
+        Some(draft)
+    }
+
     /// Records the request with its outcome, inside the caller's lock so that an
     /// applied change and its record appear together.
     pub(super) fn finish(&mut self, inner: &mut Inner, status: u16, applied: bool) {
-        if let Some(draft) = self.draft.take() {
-            self.shared.serving.fetch_sub(1, Ordering::SeqCst);
+        if let Some(draft) = self.take_draft() {
             inner.record(draft, status, applied);
         }
     }
@@ -287,8 +294,7 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(draft) = self.draft.take() {
-            self.shared.serving.fetch_sub(1, Ordering::SeqCst);
+        if let Some(draft) = self.take_draft() {
             self.shared.lock().record(draft, STATUS_CLIENT_GONE, false);
         }
     }
