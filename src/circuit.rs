@@ -80,10 +80,20 @@ impl Circuit {
         }
     }
 
-    /// Records a vendor-wide failure; returns true when this opened the circuit.
-    pub fn trip(&self, reason: String) -> bool {
+    /// Records a vendor-wide failure of a call that went out with `pass`;
+    /// returns true when this opened the circuit.
+    ///
+    /// Only the failure that opens the circuit and failed probes push the next
+    /// probe further out. Calls that were already in flight when the circuit
+    /// opened fail for the same reason; counting each of them as a trip would
+    /// double the wait once per concurrent call, and a vendor's bad minute
+    /// would hold its jobs for far longer than the outage.
+    pub fn trip(&self, reason: String, pass: Pass) -> bool {
         let mut state = self.lock();
         let opened = state.open_until.is_none();
+        if !opened && pass == Pass::Closed {
+            return false;
+        }
         state.trips = state.trips.saturating_add(1);
         let delay = FIRST_PROBE_DELAY
             .saturating_mul(2u32.saturating_pow(state.trips.saturating_sub(1).min(16)))
@@ -175,7 +185,7 @@ mod tests {
     async fn a_tripped_circuit_lets_one_probe_through_after_the_delay() {
         let circuit = std::sync::Arc::new(Circuit::default());
         assert_eq!(circuit.pass().await, Pass::Closed);
-        assert!(circuit.trip("401".into()));
+        assert!(circuit.trip("401".into(), Pass::Closed));
         let started = Instant::now();
         assert_eq!(circuit.pass().await, Pass::Probe);
         assert!(started.elapsed() >= FIRST_PROBE_DELAY);
@@ -196,12 +206,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn probe_delays_grow_while_the_vendor_keeps_failing() {
         let circuit = Circuit::default();
-        circuit.trip("a".into());
+        circuit.trip("a".into(), Pass::Closed);
         assert_eq!(circuit.pass().await, Pass::Probe);
-        assert!(!circuit.trip("b".into()));
+        assert!(!circuit.trip("b".into(), Pass::Probe));
         let started = Instant::now();
         assert_eq!(circuit.pass().await, Pass::Probe);
         assert!(started.elapsed() >= FIRST_PROBE_DELAY * 2);
         assert_eq!(circuit.open_reason().as_deref(), Some("b"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_already_in_flight_do_not_push_the_probe_further_out() {
+        let circuit = Circuit::default();
+        assert!(circuit.trip("first".into(), Pass::Closed));
+        for _ in 0..4 {
+            assert!(!circuit.trip("in flight".into(), Pass::Closed));
+        }
+        let started = Instant::now();
+        assert_eq!(circuit.pass().await, Pass::Probe);
+        assert!(
+            started.elapsed() < FIRST_PROBE_DELAY * 2,
+            "the probe goes after the first delay, not one doubled per concurrent failure"
+        );
     }
 }

@@ -242,7 +242,10 @@ async fn the_same_job_published_four_times_applies_its_change_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_credentials_hold_the_jobs_and_resume_when_the_vendor_answers() {
     let mut app = TestApp::spawn("vendor_wide").await;
-    for _ in 0..3 {
+    // The vendor refuses every call until the test lets it answer: with only a
+    // few refusals queued, the circuit could open and close again before the
+    // test looks at it.
+    for _ in 0..1000 {
         app.mock
             .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
     }
@@ -262,7 +265,11 @@ async fn refused_credentials_hold_the_jobs_and_resume_when_the_vendor_answers() 
         app.worker.health().readiness().is_err(),
         "not ready while holding jobs"
     );
+    assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
+    assert_eq!(app.queues.depth(&app.queues.names.results).await, 0);
 
+    // The vendor accepts the credentials again: the held jobs go through.
+    app.mock.reset();
     let results = app.queues.results_by_job(5).await;
     assert!(results.values().all(|r| r.status == JobStatus::Succeeded));
     assert!(circuit.open_reason().is_none());

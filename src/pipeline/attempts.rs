@@ -106,7 +106,7 @@ impl Pipeline {
                 // Not the job's fault and nothing was executed: the round does not
                 // count against the job's attempts.
                 state.attempts -= 1;
-                if circuit.trip(error.to_string()) || pass == Pass::Probe {
+                if circuit.trip(error.to_string(), pass) || pass == Pass::Probe {
                     warn!(%vendor, error = %error, "vendor-wide failure: holding {vendor} jobs and probing with backoff");
                 }
                 self.metrics.circuit(vendor, true);
@@ -119,7 +119,7 @@ impl Pipeline {
                 unreachable_rounds += 1;
                 let reason = round.last_error.unwrap_or_default();
                 if circuit.record_unreachable() {
-                    if circuit.trip(reason.clone()) || pass == Pass::Probe {
+                    if circuit.trip(reason.clone(), pass) || pass == Pass::Probe {
                         warn!(%vendor, error = %reason, "{vendor} unreachable: holding its jobs and probing with backoff");
                     }
                     self.metrics.circuit(vendor, true);
@@ -141,7 +141,7 @@ impl Pipeline {
                 // The vendor keeps failing on its side: hold its jobs rather than
                 // exhaust every queued job's attempts against it.
                 let reason = round.last_error.clone().unwrap_or_default();
-                if circuit.trip(reason.clone()) || pass == Pass::Probe {
+                if circuit.trip(reason.clone(), pass) || pass == Pass::Probe {
                     warn!(%vendor, error = %reason, "{vendor} keeps failing: holding its jobs and probing with backoff");
                 }
                 self.metrics.circuit(vendor, true);
