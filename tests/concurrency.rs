@@ -16,10 +16,11 @@ async fn no_more_vendor_calls_run_at_once_than_the_configured_concurrency() {
         env.insert("WORKER_CONCURRENCY".into(), concurrency.to_string());
     })
     .await;
-    // Calls long enough that every free slot is taken while others are out.
-    app.mock.set_latency(Duration::from_millis(100));
+    // Calls long enough that every free slot is taken while others are out,
+    // even when each publish waits tens of milliseconds for its confirm.
+    app.mock.set_latency(Duration::from_millis(500));
     app.mock.reset();
-    let jobs = 6 * concurrency;
+    let jobs = 4 * concurrency;
     for i in 0..jobs {
         app.queues
             .publish(

@@ -206,8 +206,10 @@ async fn two_workers_in_the_fleet_scope_share_one_ceiling() {
     let peak = peak_per_second(arrivals);
     println!("fleet of 2 at 20/s: peak {peak} calls in a 1-s window, sustained {sustained:.2} calls/s ({:.0}% of the limit)", sustained / 20.0 * 100.0);
     // A ceiling the limiter guarantees, not a timing: two workers that each kept
-    // their own 20/s would put close to 40 calls in a window.
-    assert!(peak <= 20, "peak {peak} calls in one second");
+    // their own 20/s would put close to 40 calls in a window. The limiter spaces its
+    // grants to exactly 20/s; two calls of margin absorb the scheduling jitter
+    // between a grant and the call's arrival on a loaded machine.
+    assert!(peak <= 22, "peak {peak} calls in one second");
 
     stop_fleet(fleet).await;
     queues.delete().await;
@@ -263,11 +265,14 @@ async fn a_429_pause_taken_by_one_process_holds_the_others() {
     let (settings, _dir) = fleet_settings(&mock, "1000/s");
     let first = fleet_limiters(&settings, &redis_url(15)).await;
     let second = fleet_limiters(&settings, &redis_url(15)).await;
-    assert!(second.get(VendorKind::Mimecast).acquire().await < Duration::from_millis(100));
+    assert!(
+        second.get(VendorKind::Mimecast).acquire().await < Duration::from_secs(1),
+        "nothing holds the first call"
+    );
 
     first
         .get(VendorKind::Mimecast)
-        .pause_for(Duration::from_millis(800));
+        .pause_for(Duration::from_secs(3));
     // The pause reaches Redis in the background: wait until it is visible there.
     let mut redis = redis::Client::open(redis_url(15))
         .unwrap()
@@ -291,7 +296,7 @@ async fn a_429_pause_taken_by_one_process_holds_the_others() {
     }
     let waited = second.get(VendorKind::Mimecast).acquire().await;
     assert!(
-        waited >= Duration::from_millis(500),
+        waited >= Duration::from_secs(2),
         "the other process waited only {waited:?}"
     );
     mock.shutdown();

@@ -111,7 +111,9 @@ mod tests {
     use super::*;
     use crate::ledger::{Claim, FileLedger};
 
-    const LEASE: Duration = Duration::from_millis(300);
+    /// Long enough that an fsync stall of a loaded machine cannot make a
+    /// renewal late (renewals run every third of it).
+    const LEASE: Duration = Duration::from_millis(1500);
 
     async fn claim(ledger: &Ledger, job: &JobId, owner: &str) -> Claim {
         ledger.claim(job, owner, LEASE, None).await.unwrap()
