@@ -47,6 +47,10 @@ pub(crate) struct Case {
     pub(crate) backlog: bool,
     /// Items in each job (one account each).
     pub(crate) items_per_job: usize,
+    /// Publish at this many jobs a second instead of all at once, so the
+    /// latencies are those of a job arriving at a worker that keeps up, not of
+    /// one queued behind the whole run.
+    pub(crate) steady_rate: Option<u32>,
 }
 
 /// What a case measured.
@@ -131,51 +135,36 @@ pub(crate) async fn run(
         .await
         .map_err(|e| e.to_string())?;
 
-    let mut published_at: HashMap<String, Instant> = HashMap::with_capacity(case.jobs);
     let mut child = None;
     if !case.backlog {
         child = Some(spawn_consumer(case, mock, &queue, work)?);
     }
     let started = Instant::now();
-    publish_jobs(&publisher, &names.jobs, case, &mut published_at).await?;
-    if case.backlog {
+    // Results are read while jobs are still being published: a result's time is
+    // when it arrived, not when the publisher got round to reading it.
+    let (published_at, arrived_at) = if case.backlog {
+        let published_at = publish_jobs(&publisher, &names.jobs, case).await?;
         child = Some(spawn_consumer(case, mock, &queue, work)?);
-    }
+        (published_at, collect_results(&mut results, case).await?)
+    } else {
+        tokio::try_join!(
+            publish_jobs(&publisher, &names.jobs, case),
+            collect_results(&mut results, case)
+        )?
+    };
     let mut child = child.ok_or("no consumer was started")?;
     let pid = child
         .id()
         .ok_or("the consumer exited at once; run it by hand to see why")?;
-
-    let mut latencies = Vec::with_capacity(case.jobs);
-    let mut seen = std::collections::HashSet::with_capacity(case.jobs);
-    let deadline = Duration::from_secs(600);
-    let mut last = started;
-    while seen.len() < case.jobs {
-        let delivery = tokio::time::timeout(deadline, results.next())
-            .await
-            .map_err(|_| {
-                format!(
-                    "{}: only {} of {} results after {deadline:?}",
-                    case.name,
-                    seen.len(),
-                    case.jobs
-                )
-            })?
-            .ok_or("the results consumer ended")?
-            .map_err(|e| e.to_string())?;
-        let job_id = delivery
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        if seen.insert(job_id.clone()) {
-            last = Instant::now();
-            if let Some(at) = published_at.get(&job_id) {
-                latencies.push(last.duration_since(*at));
-            }
-        }
-    }
+    let last = arrived_at.values().max().copied().unwrap_or(started);
+    let mut latencies: Vec<Duration> = arrived_at
+        .iter()
+        .filter_map(|(job_id, arrived)| {
+            published_at
+                .get(job_id)
+                .map(|published| arrived.saturating_duration_since(*published))
+        })
+        .collect();
     let elapsed = last.duration_since(started);
     let cpu_seconds = procstat::cpu_seconds(pid).unwrap_or(0.0);
     let peak_rss_mb = procstat::peak_rss_mb(pid).unwrap_or(0.0);
@@ -228,6 +217,38 @@ pub(crate) async fn run(
     })
 }
 
+/// Reads results until every job has one; returns when each job's first
+/// result arrived.
+async fn collect_results(
+    results: &mut lapin::Consumer,
+    case: &Case,
+) -> Result<HashMap<String, Instant>, BenchError> {
+    let mut arrived_at = HashMap::with_capacity(case.jobs);
+    let deadline = Duration::from_secs(600);
+    while arrived_at.len() < case.jobs {
+        let delivery = tokio::time::timeout(deadline, results.next())
+            .await
+            .map_err(|_| {
+                format!(
+                    "{}: only {} of {} results after {deadline:?}",
+                    case.name,
+                    arrived_at.len(),
+                    case.jobs
+                )
+            })?
+            .ok_or("the results consumer ended")?
+            .map_err(|e| e.to_string())?;
+        let job_id = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        arrived_at.entry(job_id).or_insert_with(Instant::now);
+    }
+    Ok(arrived_at)
+}
+
 /// The most calls in any one-second window, sliding over the call times (ms).
 pub(crate) fn peak_in_any_second(times_ms: &[u64]) -> usize {
     let mut sorted = times_ms.to_vec();
@@ -243,14 +264,28 @@ pub(crate) fn peak_in_any_second(times_ms: &[u64]) -> usize {
     peak
 }
 
+/// Publishes the case's jobs; returns when each was published.
 async fn publish_jobs(
     publisher: &Publisher,
     queue: &str,
     case: &Case,
-    published_at: &mut HashMap<String, Instant>,
-) -> Result<(), BenchError> {
+) -> Result<HashMap<String, Instant>, BenchError> {
+    let mut published_at = HashMap::with_capacity(case.jobs);
     let ids: Vec<usize> = (0..case.jobs).collect();
-    for window in ids.chunks(500) {
+    // A steady rate goes out in a small group every 10 ms; otherwise in
+    // windows of 500 unconfirmed publishes, as fast as the broker confirms.
+    const PACE: Duration = Duration::from_millis(10);
+    let (window_size, mut pace) = match case.steady_rate {
+        Some(rate) => (
+            (rate as usize / 100).max(1),
+            Some(tokio::time::interval(PACE)),
+        ),
+        None => (500, None),
+    };
+    for window in ids.chunks(window_size) {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         let mut sends = Vec::with_capacity(window.len());
         for &i in window {
             let job_id = format!("bench-{i}");
@@ -273,7 +308,7 @@ async fn publish_jobs(
             sent.map_err(|e| e.to_string())?;
         }
     }
-    Ok(())
+    Ok(published_at)
 }
 
 fn spawn_consumer(

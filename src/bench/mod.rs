@@ -41,8 +41,13 @@ fn worker(name: &str, jobs: usize, concurrency: usize, latency_ms: u64) -> Case 
         vendor_throttle: None,
         backlog: false,
         items_per_job: 1,
+        steady_rate: None,
     }
 }
+
+/// Rates below every consumer's capacity in its case, for latency at a steady load.
+const STEADY_0MS: u32 = 2_000;
+const STEADY_50MS_C64: u32 = 600;
 
 fn cases(options: &BenchOptions) -> Vec<(&'static str, Case)> {
     let n = options.jobs;
@@ -86,6 +91,21 @@ fn cases(options: &BenchOptions) -> Vec<(&'static str, Case)> {
             },
         ),
         (
+            "0 ms",
+            Case {
+                consumer: Consumer::Passthrough,
+                steady_rate: Some(STEADY_0MS),
+                ..worker("ceiling-0ms-c64-steady", n / 2, 64, 0)
+            },
+        ),
+        (
+            "0 ms",
+            Case {
+                steady_rate: Some(STEADY_0MS),
+                ..worker("worker-0ms-c64-steady", n / 2, 64, 0)
+            },
+        ),
+        (
             "50 ms",
             worker("worker-50ms-c16", bounded(16.0 / 0.05), 16, 50),
         ),
@@ -96,6 +116,18 @@ fn cases(options: &BenchOptions) -> Vec<(&'static str, Case)> {
         (
             "50 ms",
             worker("worker-50ms-c256", bounded(256.0 / 0.05), 256, 50),
+        ),
+        (
+            "50 ms",
+            Case {
+                steady_rate: Some(STEADY_50MS_C64),
+                ..worker(
+                    "worker-50ms-c64-steady",
+                    n.min(STEADY_50MS_C64 as usize * 10),
+                    64,
+                    50,
+                )
+            },
         ),
         (
             "50 ms",
@@ -187,10 +219,11 @@ fn print_table(rows: &[(&str, Case, Measurement)]) {
     println!("\n| vendor | consumer | conc. | limit / batch | jobs | jobs/s | vendor calls/s (peak 1 s) | items/s | 429s | CPU s / 1k jobs | peak RSS MB | p50 ms | p99 ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (group, case, m) in rows {
-        let limit = match (case.rate_limit, case.batch_max) {
-            (Some(rate), 1) => rate.to_owned(),
-            (Some(rate), batch) => format!("{rate}, batch {batch}"),
-            (None, _) if case.backlog => format!("backlog {}", case.jobs),
+        let limit = match (case.rate_limit, case.batch_max, case.steady_rate) {
+            (Some(rate), 1, _) => rate.to_owned(),
+            (Some(rate), batch, _) => format!("{rate}, batch {batch}"),
+            (None, _, Some(steady)) => format!("steady {steady}/s"),
+            (None, _, None) if case.backlog => format!("backlog {}", case.jobs),
             _ => "-".to_owned(),
         };
         let group = match case.items_per_job {
@@ -260,6 +293,24 @@ fn print_ratios(rows: &[(&str, Case, Measurement)]) {
             "- worker c=64 / naive at 50 ms: {:.1}x",
             worker.jobs_per_second() / naive.jobs_per_second()
         );
+    }
+    for (name, what) in [
+        ("ceiling-0ms-c64-steady", "broker ceiling, 0 ms"),
+        ("worker-0ms-c64-steady", "worker, 0 ms"),
+        ("worker-50ms-c64-steady", "worker, 50 ms, c=64"),
+    ] {
+        if let Some((case, m)) = rows
+            .iter()
+            .find(|(_, c, _)| c.name == name)
+            .map(|(_, c, m)| (c, m))
+        {
+            println!(
+                "- latency at a steady {} jobs/s ({what}): p50 {:.1} ms, p99 {:.1} ms from publish to result",
+                case.steady_rate.unwrap_or_default(),
+                m.p50.as_secs_f64() * 1000.0,
+                m.p99.as_secs_f64() * 1000.0
+            );
+        }
     }
     if let Some(m) = find(rows, "worker-20ps-c64") {
         println!("- 20/s limit: {:.1} calls/s sustained ({:.0}% of the limit), peak {} calls in any 1 s window", m.calls_per_second(), m.calls_per_second() / 20.0 * 100.0, m.peak_calls_per_second);
