@@ -19,12 +19,22 @@ struct State {
     open_until: Option<Instant>,
     /// A probe is in flight: other jobs keep waiting for its verdict.
     probing: bool,
+    /// The ticket of the latest probe, so a probe that ended without a verdict
+    /// releases only its own turn, never a later probe's.
+    probe_ticket: u64,
     /// Trips in a row, for the probe backoff.
     trips: u32,
     /// Why it is open, for the readiness endpoint.
     reason: Option<String>,
     /// Rounds in a row in which the vendor could not be reached at all.
     unreachable_rounds: u32,
+}
+
+/// The wait before the next probe after `trips` trips in a row.
+fn probe_delay(trips: u32) -> Duration {
+    FIRST_PROBE_DELAY
+        .saturating_mul(2u32.saturating_pow(trips.saturating_sub(1).min(16)))
+        .min(MAX_PROBE_DELAY)
 }
 
 /// Rounds in a row with the vendor unreachable before it counts as an outage
@@ -44,7 +54,38 @@ pub enum Pass {
     /// The circuit is closed.
     Closed,
     /// The circuit is open and this call is the probe.
-    Probe,
+    Probe(ProbeTicket),
+}
+
+impl Pass {
+    /// Whether this call is the probe of an open circuit.
+    pub fn is_probe(self) -> bool {
+        matches!(self, Pass::Probe(_))
+    }
+}
+
+/// Which probe a [`Pass::Probe`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTicket(u64);
+
+/// Held for one round of calls made with a [`Pass`]. A probe round must end in
+/// a verdict ([`Circuit::trip`] or [`Circuit::succeed`]), but some end without
+/// one: a 429, an item's own error, a network error not yet counted as an
+/// outage, a ledger error, or the job stopping. Dropping the guard then hands
+/// the probe's turn on after the current delay; otherwise every job of the
+/// vendor would wait for a verdict that never comes.
+#[derive(Debug)]
+pub struct PassGuard<'a> {
+    circuit: &'a Circuit,
+    pass: Pass,
+}
+
+impl Drop for PassGuard<'_> {
+    fn drop(&mut self) {
+        if let Pass::Probe(ticket) = self.pass {
+            self.circuit.end_probe_without_verdict(ticket);
+        }
+    }
 }
 
 impl Circuit {
@@ -52,8 +93,20 @@ impl Circuit {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until the vendor may be called: closed, or this caller is the probe.
-    pub async fn pass(&self) -> Pass {
+    /// Waits until the vendor may be called: closed, or this caller is the
+    /// probe. Keep the guard until the round's verdict has been recorded.
+    pub async fn pass(&self) -> (Pass, PassGuard<'_>) {
+        let pass = self.wait_for_pass().await;
+        (
+            pass,
+            PassGuard {
+                circuit: self,
+                pass,
+            },
+        )
+    }
+
+    async fn wait_for_pass(&self) -> Pass {
         loop {
             let notified = self.changed.notified();
             let wait_until = {
@@ -62,7 +115,8 @@ impl Circuit {
                     None => return Pass::Closed,
                     Some(until) if !state.probing && until <= Instant::now() => {
                         state.probing = true;
-                        return Pass::Probe;
+                        state.probe_ticket = state.probe_ticket.wrapping_add(1);
+                        return Pass::Probe(ProbeTicket(state.probe_ticket));
                     }
                     Some(_) if state.probing => None,
                     Some(until) => Some(until),
@@ -95,15 +149,28 @@ impl Circuit {
             return false;
         }
         state.trips = state.trips.saturating_add(1);
-        let delay = FIRST_PROBE_DELAY
-            .saturating_mul(2u32.saturating_pow(state.trips.saturating_sub(1).min(16)))
-            .min(MAX_PROBE_DELAY);
-        state.open_until = Some(Instant::now() + delay);
+        state.open_until = Some(Instant::now() + probe_delay(state.trips));
         state.probing = false;
         state.reason = Some(reason);
         drop(state);
         self.changed.notify_waiters();
         opened
+    }
+
+    /// A probe ended without telling whether the vendor-wide fault is over: the
+    /// next probe goes after the current delay (not a longer one: nothing new
+    /// was learned). A later probe's turn is left alone.
+    fn end_probe_without_verdict(&self, ticket: ProbeTicket) {
+        let mut state = self.lock();
+        if !state.probing || ProbeTicket(state.probe_ticket) != ticket {
+            return;
+        }
+        state.probing = false;
+        if state.open_until.is_some() {
+            state.open_until = Some(Instant::now() + probe_delay(state.trips));
+        }
+        drop(state);
+        self.changed.notify_waiters();
     }
 
     /// Records a round in which no call reached the vendor; returns true when the
@@ -180,18 +247,20 @@ impl Circuits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[tokio::test(start_paused = true)]
     async fn a_tripped_circuit_lets_one_probe_through_after_the_delay() {
-        let circuit = std::sync::Arc::new(Circuit::default());
-        assert_eq!(circuit.pass().await, Pass::Closed);
+        let circuit = Arc::new(Circuit::default());
+        assert_eq!(circuit.pass().await.0, Pass::Closed);
         assert!(circuit.trip("401".into(), Pass::Closed));
         let started = Instant::now();
-        assert_eq!(circuit.pass().await, Pass::Probe);
+        let (probe, _probing) = circuit.pass().await;
+        assert!(probe.is_probe());
         assert!(started.elapsed() >= FIRST_PROBE_DELAY);
         let waiter = {
             let circuit = circuit.clone();
-            tokio::spawn(async move { circuit.pass().await })
+            tokio::spawn(async move { circuit.pass().await.0 })
         };
         tokio::task::yield_now().await;
         assert!(
@@ -207,10 +276,12 @@ mod tests {
     async fn probe_delays_grow_while_the_vendor_keeps_failing() {
         let circuit = Circuit::default();
         circuit.trip("a".into(), Pass::Closed);
-        assert_eq!(circuit.pass().await, Pass::Probe);
-        assert!(!circuit.trip("b".into(), Pass::Probe));
+        let (probe, probing) = circuit.pass().await;
+        assert!(probe.is_probe());
+        assert!(!circuit.trip("b".into(), probe));
+        drop(probing);
         let started = Instant::now();
-        assert_eq!(circuit.pass().await, Pass::Probe);
+        assert!(circuit.pass().await.0.is_probe());
         assert!(started.elapsed() >= FIRST_PROBE_DELAY * 2);
         assert_eq!(circuit.open_reason().as_deref(), Some("b"));
     }
@@ -223,10 +294,57 @@ mod tests {
             assert!(!circuit.trip("in flight".into(), Pass::Closed));
         }
         let started = Instant::now();
-        assert_eq!(circuit.pass().await, Pass::Probe);
+        assert!(circuit.pass().await.0.is_probe());
         assert!(
             started.elapsed() < FIRST_PROBE_DELAY * 2,
             "the probe goes after the first delay, not one doubled per concurrent failure"
+        );
+        assert_eq!(circuit.open_reason().as_deref(), Some("first"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_ends_without_a_verdict_hands_its_turn_on() {
+        let circuit = Arc::new(Circuit::default());
+        circuit.trip("401".into(), Pass::Closed);
+        let (probe, probing) = circuit.pass().await;
+        assert!(probe.is_probe());
+        let waiter = {
+            let circuit = circuit.clone();
+            tokio::spawn(async move { circuit.pass().await.0 })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the others wait for the probe");
+
+        // The probe was answered 429, say: no verdict on the credentials.
+        drop(probing);
+        let next = tokio::time::timeout(Duration::from_secs(600), waiter)
+            .await
+            .expect("another job probes instead of waiting forever")
+            .unwrap();
+        assert!(next.is_probe());
+        assert!(
+            circuit.open_reason().is_some(),
+            "still open until a verdict"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_old_probe_ending_leaves_a_later_probe_alone() {
+        let circuit = Arc::new(Circuit::default());
+        circuit.trip("401".into(), Pass::Closed);
+        let (first, first_round) = circuit.pass().await;
+        circuit.trip("401 again".into(), first);
+        let (second, _second_round) = circuit.pass().await;
+        assert!(second.is_probe());
+        let waiter = {
+            let circuit = circuit.clone();
+            tokio::spawn(async move { circuit.pass().await.0 })
+        };
+        drop(first_round);
+        tokio::time::sleep(MAX_PROBE_DELAY * 2).await;
+        assert!(
+            !waiter.is_finished(),
+            "one probe at a time: the second is still out"
         );
     }
 }

@@ -292,6 +292,27 @@ async fn refused_credentials_hold_the_jobs_and_resume_when_the_vendor_answers() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_answered_429_does_not_hold_the_vendor_for_good() {
+    let mut app = TestApp::spawn("probe_429").await;
+    // A 401 opens the circuit; its probe is answered 429, which says nothing
+    // about the credentials. The next probe must still go.
+    app.mock
+        .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
+    app.mock
+        .push_fault(Vendor::Mimecast, Fault::RateLimited { reset_ms: 200 });
+    app.queues
+        .publish(&json!({"jobId": "p429-1", "vendor": "mimecast", "data": [{"accountCode": "P429", "numberOfUsers": 3}]}))
+        .await;
+    let result = app.queues.next_result().await;
+    assert_eq!(result.status, JobStatus::Succeeded);
+    let statuses: Vec<u16> = app.mock.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [401, 429, 200]);
+    assert_eq!(app.mock.mimecast_account("P429").unwrap().user_count, 3);
+    assert!(app.worker.health().readiness().is_ok());
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_keys_keep_the_jobs_in_the_queue_instead_of_dead_lettering_them() {
     let mut app = TestApp::spawn_with("wrong_keys", |env| {
         // Valid base64, wrong secret.

@@ -10,7 +10,6 @@ use tracing::{debug, info, warn};
 use super::state::JobState;
 use super::{Pipeline, Stop};
 use crate::batcher::Batcher;
-use crate::circuit::Pass;
 use crate::job::{Item, ItemError};
 use crate::ledger::LedgerError;
 use crate::retry::{self, Decision};
@@ -57,7 +56,9 @@ impl Pipeline {
         let mut touched_vendor = false;
         let mut unreachable_rounds = 0;
         while !state.is_done() {
-            let pass = tokio::select! {
+            // Kept to the end of the round: a probe that ends without a verdict
+            // hands its turn on when this is dropped.
+            let (pass, _probing) = tokio::select! {
                 pass = circuit.pass() => pass,
                 _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
             };
@@ -106,7 +107,7 @@ impl Pipeline {
                 // Not the job's fault and nothing was executed: the round does not
                 // count against the job's attempts.
                 state.attempts -= 1;
-                if circuit.trip(error.to_string(), pass) || pass == Pass::Probe {
+                if circuit.trip(error.to_string(), pass) || pass.is_probe() {
                     warn!(%vendor, error = %error, "vendor-wide failure: holding {vendor} jobs and probing with backoff");
                 }
                 self.metrics.circuit(vendor, true);
@@ -119,7 +120,7 @@ impl Pipeline {
                 unreachable_rounds += 1;
                 let reason = round.last_error.unwrap_or_default();
                 if circuit.record_unreachable() {
-                    if circuit.trip(reason.clone(), pass) || pass == Pass::Probe {
+                    if circuit.trip(reason.clone(), pass) || pass.is_probe() {
                         warn!(%vendor, error = %reason, "{vendor} unreachable: holding its jobs and probing with backoff");
                     }
                     self.metrics.circuit(vendor, true);
@@ -141,7 +142,7 @@ impl Pipeline {
                 // The vendor keeps failing on its side: hold its jobs rather than
                 // exhaust every queued job's attempts against it.
                 let reason = round.last_error.clone().unwrap_or_default();
-                if circuit.trip(reason.clone(), pass) || pass == Pass::Probe {
+                if circuit.trip(reason.clone(), pass) || pass.is_probe() {
                     warn!(%vendor, error = %reason, "{vendor} keeps failing: holding its jobs and probing with backoff");
                 }
                 self.metrics.circuit(vendor, true);
