@@ -6,8 +6,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
@@ -138,6 +141,7 @@ pub(crate) async fn run(
     let mut child = None;
     if !case.backlog {
         child = Some(spawn_consumer(case, mock, &queue, work)?);
+        wait_for_consumer(&results_channel, &names.jobs).await?;
     }
     let started = Instant::now();
     // Results are read while jobs are still being published: a result's time is
@@ -244,7 +248,10 @@ async fn collect_results(
             .as_ref()
             .map(|s| s.to_string())
             .unwrap_or_default();
-        arrived_at.entry(job_id).or_insert_with(Instant::now);
+        // Only the case's own jobs count towards its total.
+        if job_id.starts_with("bench-") {
+            arrived_at.entry(job_id).or_insert_with(Instant::now);
+        }
     }
     Ok(arrived_at)
 }
@@ -272,21 +279,30 @@ async fn publish_jobs(
 ) -> Result<HashMap<String, Instant>, BenchError> {
     let mut published_at = HashMap::with_capacity(case.jobs);
     let ids: Vec<usize> = (0..case.jobs).collect();
-    // A steady rate goes out in a small group every 10 ms; otherwise in
-    // windows of 500 unconfirmed publishes, as fast as the broker confirms.
-    const PACE: Duration = Duration::from_millis(10);
-    let (window_size, mut pace) = match case.steady_rate {
-        Some(rate) => (
-            (rate as usize / 100).max(1),
-            Some(tokio::time::interval(PACE)),
-        ),
+    // At a steady rate a small group goes out on every tick, and confirms are
+    // awaited between ticks: a slow confirm must not hold the next group back
+    // and then release a burst. Otherwise windows of 500 unconfirmed publishes
+    // go as fast as the broker confirms them.
+    let (group, mut pace) = match case.steady_rate {
+        Some(rate) => {
+            let group = (rate as usize / 100).max(1);
+            let period = Duration::from_secs_f64(group as f64 / f64::from(rate.max(1)));
+            let mut pace = tokio::time::interval(period);
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            (group, Some(pace))
+        }
         None => (500, None),
     };
-    for window in ids.chunks(window_size) {
+    let mut unconfirmed = FuturesUnordered::new();
+    for window in ids.chunks(group) {
         if let Some(pace) = pace.as_mut() {
-            pace.tick().await;
+            loop {
+                tokio::select! {
+                    _ = pace.tick() => break,
+                    Some(sent) = unconfirmed.next() => sent?,
+                }
+            }
         }
-        let mut sends = Vec::with_capacity(window.len());
         for &i in window {
             let job_id = format!("bench-{i}");
             let items: Vec<String> = (0..case.items_per_job)
@@ -302,13 +318,51 @@ async fn publish_jobs(
             let properties = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2);
-            sends.push(async move { publisher.publish(queue, body.as_bytes(), properties).await });
+            unconfirmed.push(async move {
+                publisher
+                    .publish(queue, body.as_bytes(), properties)
+                    .await
+                    .map_err(|e| e.to_string())
+            });
         }
-        for sent in futures_util::future::join_all(sends).await {
-            sent.map_err(|e| e.to_string())?;
+        if pace.is_none() {
+            while let Some(sent) = unconfirmed.next().await {
+                sent?;
+            }
         }
     }
+    while let Some(sent) = unconfirmed.next().await {
+        sent?;
+    }
     Ok(published_at)
+}
+
+/// Waits until the consumer process consumes from `queue`, so its start-up is
+/// not counted in the first jobs' latency or in the case's time.
+async fn wait_for_consumer(channel: &lapin::Channel, queue: &str) -> Result<(), BenchError> {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("cannot inspect {queue}: {e}"))?;
+        if declared.consumer_count() > 0 {
+            return Ok(());
+        }
+        if Instant::now() > give_up {
+            return Err(format!(
+                "the consumer did not start consuming {queue} within 60 s; run it by hand to see why"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn spawn_consumer(
