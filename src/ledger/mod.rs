@@ -139,6 +139,9 @@ pub enum Claim {
         progress: Progress,
         /// Deliveries that took the lease, this one included.
         deliveries: u32,
+        /// The claim stored the first call's in-flight marker with the lease,
+        /// so that call may go without a checkpoint of its own.
+        marked: bool,
     },
     /// The job is finished: publish this again.
     Done(Box<Finished>),
@@ -149,8 +152,11 @@ pub enum Claim {
 /// Decides a claim from the current entry; returns the entry to store, if it changes.
 /// Shared by both backends so they cannot disagree.
 ///
-/// `first_marker` is stored as the progress of a job seen for the first time:
-/// the in-flight marker of its first call, saved in the same write.
+/// `first_marker` is stored as the progress of a job with nothing recorded yet
+/// (seen for the first time, or handed back before any call): the in-flight
+/// marker of its first call, saved in the same write. The claim says whether it
+/// stored it; a caller must not infer that from the delivery count, since a
+/// hand-back takes that count back down.
 pub fn decide_claim(
     current: Option<Entry>,
     owner: &str,
@@ -164,6 +170,7 @@ pub fn decide_claim(
             Claim::Owned {
                 progress: Progress::default(),
                 deliveries: 1,
+                marked: first_marker.is_some(),
             },
             Some(Entry {
                 owner: owner.to_owned(),
@@ -182,10 +189,19 @@ pub fn decide_claim(
             entry.deliveries = entry.deliveries.saturating_add(1);
             entry.owner = owner.to_owned();
             entry.lease_until_ms = lease_until_ms;
+            let progress = entry.progress.clone();
+            let marked = match first_marker {
+                Some(marker) if progress == Progress::default() => {
+                    entry.progress = marker.clone();
+                    true
+                }
+                _ => false,
+            };
             (
                 Claim::Owned {
-                    progress: entry.progress.clone(),
+                    progress,
                     deliveries: entry.deliveries,
+                    marked,
                 },
                 Some(entry),
             )
@@ -416,7 +432,8 @@ mod tests {
             claim,
             Claim::Owned {
                 progress: Progress::default(),
-                deliveries: 1
+                deliveries: 1,
+                marked: false,
             }
         );
         assert_eq!(entry.unwrap().lease_until_ms, 31_000);
@@ -434,6 +451,7 @@ mod tests {
         let Claim::Owned {
             progress,
             deliveries,
+            ..
         } = claim
         else {
             panic!("expected the lease")
@@ -441,6 +459,54 @@ mod tests {
         assert_eq!(progress.in_flight, vec![0]);
         assert_eq!(deliveries, 2);
         assert_eq!(write.unwrap().owner, "b");
+    }
+
+    #[test]
+    fn a_claim_after_a_hand_back_before_any_call_stores_the_marker_and_says_so() {
+        let marker = Progress {
+            in_flight: vec![0],
+            ..Progress::default()
+        };
+        // The first delivery claimed without a marker (its call would have had
+        // to wait), then was handed back before calling: deliveries is 1 again.
+        let (_, entry) = decide_claim(None, "a", 1_000, LEASE, None);
+        let (_, released) = decide_release(entry, "a", Some(&Progress::default()));
+        let (claim, write) = decide_claim(released, "b", 2_000, LEASE, Some(&marker));
+        assert!(matches!(
+            claim,
+            Claim::Owned {
+                deliveries: 1,
+                marked: true,
+                ..
+            }
+        ));
+        assert_eq!(
+            write.unwrap().progress,
+            marker,
+            "the in-flight marker is stored before the call may go"
+        );
+    }
+
+    #[test]
+    fn a_claim_of_a_job_with_progress_keeps_it_and_stores_no_marker() {
+        let marker = Progress {
+            in_flight: vec![0],
+            ..Progress::default()
+        };
+        let (_, entry) = decide_claim(None, "a", 1_000, LEASE, None);
+        let mut entry = entry.unwrap();
+        entry.progress.attempts = 1;
+        let (_, released) = decide_release(Some(entry), "a", None);
+        let (claim, write) = decide_claim(released, "b", 2_000, LEASE, Some(&marker));
+        let Claim::Owned {
+            progress, marked, ..
+        } = claim
+        else {
+            panic!("expected the lease")
+        };
+        assert!(!marked, "the caller must checkpoint before its call");
+        assert_eq!(progress.attempts, 1);
+        assert_eq!(write.unwrap().progress.attempts, 1);
     }
 
     #[test]

@@ -186,7 +186,11 @@ impl Pipeline {
         };
         let owner = uuid::Uuid::new_v4().to_string();
         let first_marker = self.first_marker(&job);
-        let (progress, deliveries) = match self
+        let Owned {
+            progress,
+            deliveries,
+            marked: premarked,
+        } = match self
             .claim(&job, &owner, first_marker.as_ref(), stopping)
             .await
         {
@@ -206,8 +210,6 @@ impl Pipeline {
             Ok(Ok(owned)) => owned,
         };
         let resumed = !progress.in_flight.is_empty() || progress.attempts > 0;
-        // The claim stored the first call's marker only if the job was new.
-        let premarked = first_marker.is_some() && deliveries == 1 && !resumed;
         let mut state = JobState::resume(job, progress);
         if resumed {
             warn!(
@@ -360,7 +362,7 @@ impl Pipeline {
         owner: &str,
         first_marker: Option<&Progress>,
         stopping: &CancellationToken,
-    ) -> Result<Result<(Progress, u32), Box<Finished>>, Stop> {
+    ) -> Result<Result<Owned, Box<Finished>>, Stop> {
         let mut wait = Duration::from_millis(50);
         loop {
             match self
@@ -374,7 +376,14 @@ impl Pipeline {
                 Ok(Claim::Owned {
                     progress,
                     deliveries,
-                }) => return Ok(Ok((progress, deliveries))),
+                    marked,
+                }) => {
+                    return Ok(Ok(Owned {
+                        progress,
+                        deliveries,
+                        marked,
+                    }))
+                }
                 Ok(Claim::Done(finished)) => return Ok(Err(finished)),
                 Err(e) => error!(error = %e, "ledger unavailable; the job waits"),
             }
@@ -385,6 +394,14 @@ impl Pipeline {
             wait = (wait * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+/// What a delivery that took a job's lease starts from.
+struct Owned {
+    progress: Progress,
+    deliveries: u32,
+    /// The claim stored the first call's in-flight marker.
+    marked: bool,
 }
 
 fn finished(state: &JobState) -> Outcome {
