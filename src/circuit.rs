@@ -207,7 +207,12 @@ impl Circuit {
     pub fn succeed(&self) -> bool {
         let mut state = self.lock();
         let was_open = state.open_until.is_some();
-        *state = State::default();
+        // The ticket counter carries on, so a guard of an earlier probe can
+        // never match a later one.
+        *state = State {
+            probe_ticket: state.probe_ticket,
+            ..State::default()
+        };
         drop(state);
         if was_open {
             self.changed.notify_waiters();

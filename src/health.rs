@@ -32,6 +32,11 @@ impl Health {
         self.sessions.send_modify(|n| *n += 1);
     }
 
+    /// Broker sessions that started consuming so far.
+    pub(crate) fn sessions_started(&self) -> u64 {
+        *self.sessions.borrow()
+    }
+
     /// Resolves once at least `n` broker sessions have started consuming (the
     /// first one included), so tests can await a reconnection.
     pub async fn wait_for_sessions(&self, n: u64) {

@@ -138,6 +138,7 @@ impl Worker {
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut reconnect = reconnect_backoff();
         while !shutdown.is_cancelled() {
+            let started_before = self.health.sessions_started();
             match self.session(&shutdown).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Lost(cause) => {
@@ -151,7 +152,9 @@ impl Worker {
                     }
                 }
             }
-            if self.health.is_consuming() {
+            // A session that got as far as consuming ends a run of failures:
+            // the next loss starts again from the shortest wait.
+            if self.health.sessions_started() > started_before {
                 reconnect = reconnect_backoff();
             }
         }
@@ -201,7 +204,14 @@ impl Worker {
             Err(e) => return SessionEnd::Lost(e),
         };
         let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();
-        let mut consumer = futures_util::stream::select_all(consumers);
+        // Each queue's stream ends with a `None` of its own: `select_all` alone
+        // would drop a cancelled consumer (its queue deleted) and go on with the
+        // others, and that queue would never be consumed again.
+        let mut consumer = futures_util::stream::select_all(consumers.into_iter().map(|c| {
+            c.map(Some)
+                .chain(futures_util::stream::once(async { None }))
+                .boxed()
+        }));
         info!(queues = ?broker.consume_queues, concurrency = broker.concurrency.get(), "consuming jobs");
         self.health.set_consuming(true);
         self.health.session_started();
@@ -219,7 +229,7 @@ impl Worker {
                     reason: "a result or dead letter was not confirmed; reopening the session".to_owned(),
                 }),
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
+                    Some(Some(Ok(delivery))) => {
                         // Parsed here, in delivery order, so that each job takes its
                         // place behind earlier jobs of the same accounts.
                         let parsed = crate::job::parse(&delivery.data);
@@ -237,8 +247,8 @@ impl Worker {
                                 .await
                         });
                     }
-                    Some(Err(e)) => break Some(BrokerError::Channel(e)),
-                    None => break Some(BrokerError::NotConfirmed {
+                    Some(Some(Err(e))) => break Some(BrokerError::Channel(e)),
+                    Some(None) | None => break Some(BrokerError::NotConfirmed {
                         queue: broker.jobs_queue.jobs.clone(),
                         reason: "the broker cancelled the consumer (queue deleted?)".to_owned(),
                     }),

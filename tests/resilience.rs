@@ -378,6 +378,60 @@ async fn an_unreachable_vendor_holds_jobs_instead_of_exhausting_their_retries() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_extra_queue_is_declared_again_and_consumed() {
+    let mut extra = String::new();
+    let mut app = TestApp::spawn_with("extra_deleted", |env| {
+        extra = format!("{}.extra", env["JOBS_QUEUE"]);
+        env.insert(
+            "CONSUME_QUEUES".into(),
+            format!("{},{extra}", env["JOBS_QUEUE"]),
+        );
+    })
+    .await;
+    tokio::time::timeout(EVENT_TIMEOUT, app.worker.health().wait_for_sessions(1))
+        .await
+        .expect("the worker starts consuming");
+    app.queues
+        .channel
+        .queue_delete(extra.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    // The broker cancels that queue's consumer; the worker reopens its session,
+    // which declares the queue again, instead of consuming only the others.
+    tokio::time::timeout(EVENT_TIMEOUT, app.worker.health().wait_for_sessions(2))
+        .await
+        .expect("the worker reopens its broker session");
+    let job = json!({"jobId": "xq-1", "vendor": "mimecast", "data": [{"accountCode": "XQ", "numberOfUsers": 2}]});
+    let confirm = app
+        .queues
+        .channel
+        .basic_publish(
+            "".into(),
+            extra.as_str().into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &serde_json::to_vec(&job).unwrap(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let result = app.queues.next_result().await;
+    assert_eq!(result.job_id, "xq-1");
+    assert_eq!(result.status, JobStatus::Succeeded);
+    app.queues
+        .channel
+        .queue_delete(extra.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_results_queue_is_declared_again_and_the_result_still_arrives() {
     let app = TestApp::spawn("results_deleted").await;
     tokio::time::timeout(EVENT_TIMEOUT, app.worker.health().wait_for_sessions(1))

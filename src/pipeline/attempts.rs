@@ -56,9 +56,11 @@ impl Pipeline {
         let mut touched_vendor = false;
         let mut unreachable_rounds = 0;
         while !state.is_done() {
-            // Kept to the end of the round: a probe that ends without a verdict
-            // hands its turn on when this is dropped.
-            let (pass, _probing) = tokio::select! {
+            // Kept until the round's verdict is recorded: a probe that ends
+            // without one hands its turn on when this is dropped, before any
+            // backoff of this job's own, so the vendor's other jobs need not wait
+            // it out.
+            let (pass, probing) = tokio::select! {
                 pass = circuit.pass() => pass,
                 _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
             };
@@ -127,6 +129,7 @@ impl Pipeline {
                     continue;
                 }
                 let wait = self.backoff.delay(unreachable_rounds);
+                drop(probing);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue,
                     _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
@@ -153,6 +156,7 @@ impl Pipeline {
                 info!(%vendor, "{vendor} answers again: resuming its jobs");
                 self.metrics.circuit(vendor, false);
             }
+            drop(probing);
             if state.is_done() {
                 break;
             }

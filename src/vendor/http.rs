@@ -63,22 +63,71 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
         .map(|v| v.ceil() as u64)
 }
 
+/// The longest wait a vendor's header can impose. A value past it is most likely
+/// a time of day sent where a delay was meant; obeying it would hold every call
+/// to the vendor for years (and overflow the clock), while retrying after this
+/// long at worst earns another 429.
+const MAX_VENDOR_WAIT: Duration = Duration::from_secs(15 * 60);
+
 /// When a throttled call may be retried: `X-RateLimit-Reset` (ms) or `Retry-After` (s).
 pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     header_u64(headers, "x-ratelimit-reset")
         .map(Duration::from_millis)
         .or_else(|| header_u64(headers, "retry-after").map(Duration::from_secs))
+        .map(|wait| wait.min(MAX_VENDOR_WAIT))
 }
 
 /// The quota the vendor reported, when it did.
 pub(super) fn quota(headers: &HeaderMap) -> Option<QuotaHint> {
     Some(QuotaHint {
         remaining: header_u64(headers, "x-ratelimit-remaining")?,
-        reset: Duration::from_millis(header_u64(headers, "x-ratelimit-reset")?),
+        reset: Duration::from_millis(header_u64(headers, "x-ratelimit-reset")?)
+            .min(MAX_VENDOR_WAIT),
     })
 }
 
 /// Reads the whole body, mapping a broken connection to an unknown outcome.
 pub(super) async fn body_bytes(response: Response) -> Result<bytes::Bytes, VendorError> {
     response.bytes().await.map_err(body_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn a_wait_the_vendor_asks_for_is_kept() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "2")])),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("x-ratelimit-reset", "1500")])),
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn an_absurd_wait_is_capped_instead_of_holding_the_vendor_for_years() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "1e300")])),
+            Some(MAX_VENDOR_WAIT)
+        );
+        // A Unix time in milliseconds where a delay was meant.
+        let quota = quota(&headers(&[
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "1795497943000"),
+        ]))
+        .unwrap();
+        assert_eq!(quota.reset, MAX_VENDOR_WAIT);
+    }
 }
