@@ -6,7 +6,7 @@
 //! flight then pays one fsync for many ledger writes instead of one each.
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -87,18 +87,13 @@ impl FileLedger {
             std::fs::create_dir_all(parent)
                 .map_err(|e| error(format!("cannot create its directory ({e})")))?;
         }
-        // A bounded page cache: the ledger's working set is the jobs in flight,
-        // not the whole retention period, and memory must not grow with it.
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| {
+        let db = open_database(path).map_err(|e| {
             error(format!(
                 "cannot open ({e}); a file ledger serves one worker process: give each worker its own LEDGER_URL=file:PATH, or share a redis:// ledger across a fleet"
             ))
         })?;
         let committer = Arc::new(Committer {
-            db: Arc::new(db),
+            db: Mutex::new(Some(Arc::new(db))),
             path: path.to_owned(),
             retention,
         });
@@ -166,7 +161,11 @@ impl FileLedger {
 
     /// Entries stored now (for tests and reports).
     pub fn len(&self) -> Result<u64, LedgerError> {
-        let tx = self.committer.db.begin_read().map_err(|e| self.error(e))?;
+        let db = self
+            .committer
+            .database()
+            .map_err(|reason| self.error(reason))?;
+        let tx = db.begin_read().map_err(|e| self.error(e))?;
         let table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
         table.len().map_err(|e| self.error(e))
     }
@@ -177,15 +176,47 @@ impl FileLedger {
     }
 }
 
+/// Opens the file with a bounded page cache: the ledger's working set is the
+/// jobs in flight, not the whole retention period, and memory must not grow
+/// with it.
+fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
+}
+
 /// The database and the commit logic, shared with the writer thread.
 #[derive(Debug)]
 struct Committer {
-    db: Arc<Database>,
+    /// `None` after a failed write, until the file is opened again.
+    db: Mutex<Option<Arc<Database>>>,
     path: PathBuf,
     retention: Duration,
 }
 
 impl Committer {
+    /// The open database, opening the file again after a failed write.
+    /// The error is the reason, for [`Committer::error`] to name the file.
+    fn database(&self) -> Result<Arc<Database>, String> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = db.as_ref() {
+            return Ok(db.clone());
+        }
+        let reopened = Arc::new(open_database(&self.path).map_err(|e| {
+            format!(
+                "cannot open it again after a failed write ({e}); check the disk (space, permissions, errors in the kernel log)"
+            )
+        })?);
+        tracing::info!(path = %self.path.display(), "ledger file opened again after a failed write");
+        *db = Some(reopened.clone());
+        Ok(reopened)
+    }
+
+    /// After a failed write redb refuses every later one until the file is
+    /// opened again (a full disk, an I/O error): without this a disk that
+    /// recovers would still leave every job waiting for the ledger for good.
+    fn forget_database(&self) {
+        self.db.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
     fn error(&self, reason: impl std::fmt::Display) -> LedgerError {
         LedgerError::File {
             path: self.path.display().to_string(),
@@ -221,14 +252,18 @@ impl Committer {
     /// whether the commit made them durable.
     fn commit(&self, group: Vec<Op>) -> (Vec<Reply>, Result<(), String>) {
         let mut replies = Vec::with_capacity(group.len());
-        let tx = match self.db.begin_write() {
+        let began = self
+            .database()
+            .and_then(|db| db.begin_write().map_err(|e| e.to_string()));
+        let tx = match began {
             Ok(tx) => tx,
-            Err(e) => {
+            Err(reason) => {
+                self.forget_database();
                 for op in group {
-                    let (_, reply) = (op.change)(Err(self.error(&e)));
+                    let (_, reply) = (op.change)(Err(self.error(&reason)));
                     replies.push(reply);
                 }
-                return (replies, Err(e.to_string()));
+                return (replies, Err(reason));
             }
         };
         let applied = (|| -> Result<(), String> {
@@ -260,12 +295,19 @@ impl Committer {
             Ok(())
         })();
         let committed = applied.and_then(|()| tx.commit().map_err(|e| e.to_string()));
+        if committed.is_err() {
+            self.forget_database();
+        }
         (replies, committed)
     }
 
     /// Deletes entries whose retention ended before `now` (Unix ms).
     fn sweep(&self, now: u64) -> Result<usize, LedgerError> {
-        let tx = self.db.begin_write().map_err(|e| self.error(e))?;
+        let tx = self
+            .database()
+            .map_err(|reason| self.error(reason))?
+            .begin_write()
+            .map_err(|e| self.error(e))?;
         let removed = {
             let mut table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
             let expired: Vec<String> = table
@@ -337,6 +379,39 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(claim, Claim::Done(Box::new(result("j-1"))));
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_write_the_file_is_opened_again_once_it_can_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        let file = FileLedger::open(&path, Duration::from_secs(3600)).unwrap();
+        let ledger = Ledger::File(file.clone());
+        let lease = Duration::from_secs(30);
+        let first = JobId::parse("before").unwrap();
+        ledger.claim(&first, "a", lease, None).await.unwrap();
+
+        // As a failed write does; and the file cannot be opened yet (here
+        // because something else holds it, as a full or failing disk would).
+        file.committer.forget_database();
+        let blocker = open_database(&path).unwrap();
+        let second = JobId::parse("during").unwrap();
+        let refused = ledger.claim(&second, "a", lease, None).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("cannot open it again"),
+            "{refused}"
+        );
+
+        drop(blocker);
+        assert!(matches!(
+            ledger.claim(&second, "a", lease, None).await.unwrap(),
+            Claim::Owned { .. }
+        ));
+        assert_eq!(
+            ledger.claim(&first, "b", lease, None).await.unwrap(),
+            Claim::Busy,
+            "what was stored before the failure is still there"
+        );
     }
 
     #[tokio::test]
