@@ -120,7 +120,9 @@ async fn send(
     metrics.vendor_call(vendor, &status, started.elapsed());
     match &sent {
         Ok(report) => limiters.get(vendor).call_answered(report.quota),
-        Err(VendorError::Throttled { .. }) => {}
+        Err(VendorError::Throttled { retry_after }) => {
+            limiters.get(vendor).call_throttled(*retry_after)
+        }
         Err(_) => limiters.get(vendor).call_answered(None),
     }
     match sent {

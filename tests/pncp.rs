@@ -384,6 +384,45 @@ async fn a_pncp_429_waits_for_retry_after_and_then_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_in_which_only_429s_left_items_pending_spend_no_attempts() {
+    let mut app = TestApp::spawn_with("pncp_partly_throttled", |env| {
+        env.insert("RETRY_MAX_ATTEMPTS".into(), "1".into());
+    })
+    .await;
+    // One call per item, and after a 429 one call goes first: the first two
+    // calls are refused 429 (never executed) and the other two answered. Had
+    // the round counted, its single attempt would be spent and the two refused
+    // items dead-lettered.
+    for _ in 0..2 {
+        app.mock
+            .push_fault(Vendor::Pncp, Fault::RateLimited { reset_ms: 100 });
+    }
+    app.queues
+        .publish(
+            &json!({"jobId": "pncp-partly-429", "vendor": "pncp", "data": [
+                item("661", "A"), item("662", "B"), item("663", "C"), item("664", "D")
+            ]}),
+        )
+        .await;
+
+    let result = app.queues.next_result().await;
+    assert_eq!(result.status, JobStatus::Succeeded, "{:?}", result.fail);
+    let statuses: Vec<u16> = app.mock.requests().iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_pncp_shared_secret_holds_the_jobs_instead_of_dead_lettering_them() {
     let mut app = TestApp::spawn_with("pncp_wrong_secret", |env| {
         env.insert("PNCP_SHARED_SECRET".into(), "not-the-shared-secret".into());

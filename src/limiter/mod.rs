@@ -118,6 +118,15 @@ impl VendorLimiter {
         }
     }
 
+    /// A call was refused with a 429: every call waits out the vendor's reset,
+    /// when it gave one, and then one goes first. Called as the 429 arrives,
+    /// since calls waiting behind the refused one are held until it is.
+    pub fn call_throttled(&self, retry_after: Option<Duration>) {
+        if let Some(wait) = retry_after {
+            self.pause_for(wait);
+        }
+    }
+
     /// Holds every call to the vendor for `duration` (a 429's reset), fleet-wide
     /// in the fleet scope.
     pub fn pause_for(&self, duration: Duration) {

@@ -38,6 +38,10 @@ struct Round {
     server_failed: bool,
     /// Some call was refused with a 429 (not executed).
     throttled: bool,
+    /// Some item is left to retry for a reason other than a 429: a retryable
+    /// failure, a server error, a timeout. Only such a round spends an attempt
+    /// when the round was also throttled.
+    spent: bool,
 }
 
 impl Pipeline {
@@ -135,10 +139,11 @@ impl Pipeline {
                     _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
                 }
             }
-            if round.throttled && !round.answered && !round.server_failed {
+            if round.throttled && !round.spent {
                 // A 429 means the call was not executed: waiting out the vendor's
                 // reset must not burn the job's attempts, or a 429 storm would
-                // dead-letter the queue.
+                // dead-letter the queue. That holds when other calls of the round
+                // were answered too (a PNCP job sends one call per item).
                 state.attempts -= 1;
             }
             if !round.answered && round.server_failed && circuit.record_unreachable() {
@@ -216,7 +221,7 @@ impl Pipeline {
                         apply_item_outcome(state, item, outcome, &mut round);
                     }
                 }
-                Err(error) => self.apply_call_error(client, state, &chunk, error, &mut round),
+                Err(error) => self.apply_call_error(state, &chunk, error, &mut round),
             }
         }
         round
@@ -242,7 +247,11 @@ impl Pipeline {
                 metrics.vendor_call(vendor, &status, started.elapsed());
                 match &sent {
                     Ok(report) => limiter.call_answered(report.quota),
-                    Err(VendorError::Throttled { .. }) => {}
+                    // Paused now, not once the job's other calls are back: they
+                    // may be held behind this call as the limiter's probe.
+                    Err(VendorError::Throttled { retry_after }) => {
+                        limiter.call_throttled(*retry_after)
+                    }
                     Err(_) => limiter.call_answered(None),
                 }
                 let answer = sent.map(|report| (report.outcomes, report.http_status));
@@ -266,7 +275,6 @@ impl Pipeline {
 
     fn apply_call_error(
         &self,
-        client: &VendorClient,
         state: &mut JobState,
         chunk: &[Item],
         error: VendorError,
@@ -285,13 +293,13 @@ impl Pipeline {
         ) || matches!(error, VendorError::Http { status, .. } if status >= 500);
         match retry::classify(&error) {
             Decision::Retry { not_before } => {
-                if let (VendorError::Throttled { .. }, Some(wait)) = (&error, not_before) {
-                    self.limiters.get(client.kind()).pause_for(wait);
-                }
+                round.spent |= !matches!(error, VendorError::Throttled { .. });
                 round.not_before = round.not_before.max(not_before);
             }
             Decision::OutcomeUnknown => {
                 round.touched_vendor = true;
+                // Idempotent items stay pending and are resent.
+                round.spent |= chunk.iter().any(|item| !item.is_additive());
                 for item in chunk.iter().filter(|item| item.is_additive()) {
                     state.fail(
                         item.index,
@@ -320,6 +328,7 @@ fn apply_item_outcome(state: &mut JobState, item: &Item, outcome: ItemOutcome, r
         ItemOutcome::Applied(data) => state.succeed(item.index, data),
         // The vendor says it did not apply the item and a retry may work.
         ItemOutcome::Failed(errors) if errors.iter().any(|e| e.retryable) => {
+            round.spent = true;
             round.last_error = errors.first().map(|e| format!("{}: {}", e.code, e.message));
         }
         ItemOutcome::Failed(errors) => state.fail(item.index, errors),
@@ -331,6 +340,7 @@ fn apply_item_outcome(state: &mut JobState, item: &Item, outcome: ItemOutcome, r
             )],
         ),
         ItemOutcome::Unaccounted => {
+            round.spent = true;
             round.last_error = Some("the vendor's response did not mention the item".to_owned());
         }
     }
