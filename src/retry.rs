@@ -32,6 +32,8 @@ pub enum Decision {
 pub fn classify(error: &VendorError) -> Decision {
     match error {
         VendorError::Unreachable(_) => Decision::Retry { not_before: None },
+        // Only PNCP answers with tasks, and Modify Account is idempotent.
+        VendorError::TaskStillOpen { .. } => Decision::Retry { not_before: None },
         VendorError::Throttled { retry_after } => Decision::Retry {
             not_before: *retry_after,
         },
@@ -139,6 +141,14 @@ mod tests {
             }
         );
         assert_eq!(classify(&VendorError::Timeout), Decision::OutcomeUnknown);
+        // A task still open is the vendor working, not failing: no circuit, no
+        // unknown outcome, just another try.
+        assert_eq!(
+            classify(&VendorError::TaskStillOpen {
+                waited: Duration::from_secs(60)
+            }),
+            Decision::Retry { not_before: None }
+        );
         let server = VendorError::Http {
             status: 503,
             code: "err_http_503".into(),

@@ -175,6 +175,40 @@ async fn an_unknown_pncp_account_is_partial_and_only_that_item_is_dead_lettered(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_task_poll_waits_and_polls_the_same_task_again() {
+    let mut app = TestApp::spawn("pncp_task_429").await;
+    app.mock.push_fault(
+        Vendor::Pncp,
+        Fault::AcceptedTask {
+            succeed: true,
+            polls: 0,
+        },
+    );
+    // One request a second: the first poll, right after the 202, is refused.
+    app.mock.set_throttle(Vendor::Pncp, Some(1));
+    app.queues
+        .publish(
+            &json!({"jobId": "pncp-task-429", "vendor": "pncp", "data": [item("311", "Polled")]}),
+        )
+        .await;
+
+    let result = app.queues.next_result().await;
+    assert_eq!(result.status, JobStatus::Succeeded, "{:?}", result.fail);
+    let requests = app.mock.requests();
+    let calls: Vec<(&str, u16)> = requests
+        .iter()
+        .map(|r| (r.method.as_str(), r.status))
+        .collect();
+    assert_eq!(
+        calls,
+        [("PUT", 202), ("GET", 429), ("GET", 200)],
+        "the change is sent once and its task followed through the 429"
+    );
+    assert_eq!(app.mock.applied_count(Vendor::Pncp, "311"), 1);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_accepted_task_that_closes_successfully_succeeds_the_item() {
     let mut app = TestApp::spawn("pncp_task_ok").await;
     app.mock.push_fault(

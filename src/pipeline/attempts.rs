@@ -286,6 +286,8 @@ impl Pipeline {
             state.last_http_status = Some(*status);
         }
         round.unreachable |= matches!(error, VendorError::Unreachable(_));
+        // The vendor took the change on: a job that stops now must not hand it back.
+        round.touched_vendor |= matches!(error, VendorError::TaskStillOpen { .. });
         round.throttled |= matches!(error, VendorError::Throttled { .. });
         round.server_failed |= matches!(
             error,

@@ -90,6 +90,13 @@ pub enum VendorError {
         /// Vendor message.
         message: String,
     },
+    /// PNCP accepted the change (202) but its task was still open when the task
+    /// timeout ran out: the vendor is working on it, not failing.
+    #[error("the vendor accepted the change but its task was still open after {waited:?}; Modify Account is idempotent, so it is sent again")]
+    TaskStillOpen {
+        /// How long the task was followed.
+        waited: Duration,
+    },
     /// A success status whose body could not be understood.
     #[error("unreadable vendor response (HTTP {status}): {detail}")]
     BadResponse {
@@ -109,6 +116,7 @@ impl VendorError {
             Self::Interrupted(_) => "interrupted".to_owned(),
             Self::Timeout => "timeout".to_owned(),
             Self::Throttled { .. } => "429".to_owned(),
+            Self::TaskStillOpen { .. } => "task_open".to_owned(),
             Self::Credentials { status, .. }
             | Self::Http { status, .. }
             | Self::BadResponse { status, .. } => status.to_string(),

@@ -171,9 +171,28 @@ impl PncpClient {
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let body = http::body_bytes(response).await?;
+            if status == 429 {
+                // The vendor holds the change already: wait out the pause (the
+                // next `acquire`) and poll the same task, rather than send the
+                // change again and start a second task.
+                let retry_after = http::retry_after(&headers);
+                limiter.call_throttled(retry_after);
+                if Instant::now() + retry_after.unwrap_or(delay) > deadline {
+                    return Err(VendorError::TaskStillOpen {
+                        waited: self.task_timeout,
+                    });
+                }
+                if retry_after.is_none() {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_POLL_DELAY);
+                }
+                continue;
+            }
             if status != 200 {
                 return Err(error_of(status, &headers));
             }
+            // An answer: calls held behind this poll (the probe after a 429) may go.
+            limiter.call_answered(None);
             let task = parse_json(status, &body)?;
             if task.get("state").and_then(Value::as_str) == Some("CLOSED") {
                 let succeeded = task.get("result").and_then(Value::as_str) == Some("SUCCESSFUL");
@@ -195,7 +214,9 @@ impl PncpClient {
             }
             if Instant::now() + delay > deadline {
                 // Modify Account is idempotent, so the caller may resend it.
-                return Err(VendorError::Timeout);
+                return Err(VendorError::TaskStillOpen {
+                    waited: self.task_timeout,
+                });
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_POLL_DELAY);
