@@ -273,12 +273,22 @@ pub struct RetrySettings {
 }
 
 /// Where the idempotency ledger lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum LedgerLocation {
     /// Embedded store at this path (one worker).
     File(PathBuf),
-    /// Redis URL (shared by a fleet).
+    /// Redis URL (shared by a fleet); may carry a password.
     Redis(String),
+}
+
+/// By hand, so that printing the settings never shows a Redis password.
+impl std::fmt::Debug for LedgerLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+            Self::Redis(url) => f.debug_tuple("Redis").field(&redact_url(url)).finish(),
+        }
+    }
 }
 
 /// Idempotency ledger settings.
@@ -782,6 +792,14 @@ mod tests {
             setting_of(load(&[("MIMECAST_BASE_URL", "http://127.0.0.1:1")]).unwrap_err()),
             "MIMECAST_SECRET_KEY"
         );
+    }
+
+    #[test]
+    fn a_redis_password_never_shows_in_the_printed_settings() {
+        let location = LedgerLocation::Redis("redis://:hunter2@redis:6379/0".into());
+        let printed = format!("{location:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis:6379"), "{printed}");
     }
 
     #[test]
