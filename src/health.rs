@@ -79,10 +79,40 @@ impl Health {
                 "not consuming: the broker connection is down or the worker is stopping".to_owned(),
             );
         }
+        if let Some(reason) = self.metrics.ledger_failure() {
+            return Err(format!(
+                "the idempotency ledger is failing, so jobs wait for it: {reason}"
+            ));
+        }
         let open = self.open_circuits();
         if let Some((vendor, reason)) = open.first() {
             return Err(format!("holding {vendor} jobs: {reason}"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_ledger_makes_the_worker_unready_and_says_why() {
+        let metrics = Arc::new(Metrics::new());
+        let health = Health::new(Arc::new(Circuits::default()), metrics.clone());
+        health.set_consuming(true);
+        assert!(health.readiness().is_ok());
+
+        metrics.ledger_failed("embedded ledger at data/ledger: No space left on device".into());
+        let why = health.readiness().unwrap_err();
+        assert!(
+            why.contains("ledger") && why.contains("No space left"),
+            "{why}"
+        );
+        assert!(metrics.render().contains("account_worker_ledger_down 1"));
+
+        metrics.ledger_ok();
+        assert!(health.readiness().is_ok());
+        assert!(metrics.render().contains("account_worker_ledger_down 0"));
     }
 }

@@ -79,6 +79,10 @@ pub struct Metrics {
     ledger_duplicates: Counter,
     broker_reconnects: Counter,
     circuit_open: Family<VendorLabels, Gauge>,
+    ledger_errors: Counter,
+    ledger_down: Gauge,
+    /// Why the last ledger operation failed, while it is down; for `/readyz`.
+    ledger_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl Default for Metrics {
@@ -104,6 +108,18 @@ impl Metrics {
         let ledger_duplicates = Counter::default();
         let broker_reconnects = Counter::default();
         let circuit_open = Family::<VendorLabels, Gauge>::default();
+        let ledger_errors = Counter::default();
+        let ledger_down = Gauge::default();
+        registry.register(
+            "ledger_errors",
+            "Ledger operations that failed: the jobs concerned wait, or go back to the queue",
+            ledger_errors.clone(),
+        );
+        registry.register(
+            "ledger_down",
+            "1 while the last ledger operation failed (jobs wait for the ledger)",
+            ledger_down.clone(),
+        );
         registry.register(
             "jobs",
             "Jobs finished, by vendor and outcome (succeeded, partial, failed, malformed)",
@@ -168,6 +184,9 @@ impl Metrics {
             ledger_duplicates,
             broker_reconnects,
             circuit_open,
+            ledger_errors,
+            ledger_down,
+            ledger_failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -266,6 +285,38 @@ impl Metrics {
     /// Broker sessions lost so far.
     pub fn broker_reconnects(&self) -> u64 {
         self.broker_reconnects.get()
+    }
+
+    /// A ledger operation failed for a reason other than a lost lease.
+    pub fn ledger_failed(&self, reason: String) {
+        self.ledger_errors.inc();
+        *self
+            .ledger_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.ledger_down.set(1);
+    }
+
+    /// A ledger operation succeeded; cheap when the ledger was not down.
+    pub fn ledger_ok(&self) {
+        if self.ledger_down.get() != 0 {
+            self.ledger_down.set(0);
+            *self
+                .ledger_failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Why the ledger is failing, while it is.
+    pub fn ledger_failure(&self) -> Option<String> {
+        if self.ledger_down.get() == 0 {
+            return None;
+        }
+        self.ledger_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A vendor's circuit opened or closed.

@@ -91,6 +91,7 @@ impl Pipeline {
                 return Err(Stop::TOUCHED);
             }
             if let Err(e) = marked {
+                self.metrics.ledger_failed(e.to_string());
                 warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -198,6 +199,9 @@ impl Pipeline {
             .checkpoint(&state.job.ledger_key, owner, &progress, self.policy.lease)
             .await
         {
+            if !matches!(e, LedgerError::LeaseLost { .. }) {
+                self.metrics.ledger_failed(e.to_string());
+            }
             warn!(error = %e, "cannot record progress in the ledger; continuing");
         }
     }

@@ -315,16 +315,21 @@ impl Pipeline {
     ) -> Option<Finished> {
         for wait_ms in [100, 500, 2000, 0] {
             match self.ledger.finish(key, owner, outcome).await {
-                Ok(kept) => return Some(kept),
+                Ok(kept) => {
+                    self.metrics.ledger_ok();
+                    return Some(kept);
+                }
                 Err(e @ crate::ledger::LedgerError::LeaseLost { .. }) => {
                     warn!(error = %e, "not publishing: another delivery owns the job");
                     return None;
                 }
                 Err(e) if wait_ms > 0 => {
+                    self.metrics.ledger_failed(e.to_string());
                     warn!(error = %e, retry_in_ms = wait_ms, "cannot store the job's outcome; retrying");
                     tokio::time::sleep(Duration::from_millis(wait_ms)).await;
                 }
                 Err(e) => {
+                    self.metrics.ledger_failed(e.to_string());
                     error!(error = %e, "cannot store the job's outcome; handing the job back");
                     return None;
                 }
@@ -365,11 +370,14 @@ impl Pipeline {
     ) -> Result<Result<Owned, Box<Finished>>, Stop> {
         let mut wait = Duration::from_millis(50);
         loop {
-            match self
+            let claimed = self
                 .ledger
                 .claim(&job.ledger_key, owner, self.policy.lease, first_marker)
-                .await
-            {
+                .await;
+            if claimed.is_ok() {
+                self.metrics.ledger_ok();
+            }
+            match claimed {
                 Ok(Claim::Busy) => {
                     debug!("another delivery of this job is in progress; waiting for its outcome");
                 }
@@ -385,7 +393,10 @@ impl Pipeline {
                     }))
                 }
                 Ok(Claim::Done(finished)) => return Ok(Err(finished)),
-                Err(e) => error!(error = %e, "ledger unavailable; the job waits"),
+                Err(e) => {
+                    self.metrics.ledger_failed(e.to_string());
+                    error!(error = %e, "ledger unavailable; the job waits");
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
