@@ -123,6 +123,7 @@ async fn send(
         Err(VendorError::Throttled { retry_after }) => {
             limiters.get(vendor).call_throttled(*retry_after)
         }
+        Err(VendorError::TaskStillOpen { .. }) => {}
         Err(_) => limiters.get(vendor).call_answered(None),
     }
     match sent {

@@ -145,7 +145,13 @@ impl Circuit {
     pub fn trip(&self, reason: String, pass: Pass) -> bool {
         let mut state = self.lock();
         let opened = state.open_until.is_none();
-        if !opened && pass == Pass::Closed {
+        // A probe whose turn has passed (the circuit closed and opened again
+        // while it was out) speaks for no one now: like a call that went out
+        // while the circuit was closed, it neither frees the current probe's
+        // turn nor pushes the next one out.
+        let current_probe =
+            matches!(pass, Pass::Probe(ProbeTicket(t)) if state.probing && t == state.probe_ticket);
+        if !opened && !current_probe {
             return false;
         }
         state.trips = state.trips.saturating_add(1);
@@ -330,6 +336,29 @@ mod tests {
         assert!(
             circuit.open_reason().is_some(),
             "still open until a verdict"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_probe_failing_late_leaves_the_current_probe_out_alone() {
+        let circuit = Arc::new(Circuit::default());
+        circuit.trip("401".into(), Pass::Closed);
+        let (stale, _stale_round) = circuit.pass().await;
+        // Another job's call is answered: closed. Then a new failure opens it.
+        circuit.succeed();
+        circuit.trip("401 again".into(), Pass::Closed);
+        let (current, _current_round) = circuit.pass().await;
+        assert!(current.is_probe());
+        // The stale probe's slow call fails now.
+        assert!(!circuit.trip("late".into(), stale));
+        let waiter = {
+            let circuit = circuit.clone();
+            tokio::spawn(async move { circuit.pass().await.0 })
+        };
+        tokio::time::sleep(MAX_PROBE_DELAY * 2).await;
+        assert!(
+            !waiter.is_finished(),
+            "one probe at a time: the current one is still out"
         );
     }
 

@@ -139,7 +139,17 @@ impl Worker {
         let mut reconnect = reconnect_backoff();
         while !shutdown.is_cancelled() {
             let started_before = self.health.sessions_started();
-            match self.session(&shutdown).await {
+            let began = tokio::time::Instant::now();
+            let end = self.session(&shutdown).await;
+            // A session that consumed for a while ends a run of failures: its
+            // loss starts again from the shortest wait. One lost right after it
+            // began (a consumer the broker cancels at once) does not, or such a
+            // broker would be retried every few hundred milliseconds.
+            if self.health.sessions_started() > started_before && began.elapsed() >= STABLE_SESSION
+            {
+                reconnect = reconnect_backoff();
+            }
+            match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Lost(cause) => {
                     self.health.set_consuming(false);
@@ -151,11 +161,6 @@ impl Worker {
                         _ = shutdown.cancelled() => break,
                     }
                 }
-            }
-            // A session that got as far as consuming ends a run of failures:
-            // the next loss starts again from the shortest wait.
-            if self.health.sessions_started() > started_before {
-                reconnect = reconnect_backoff();
             }
         }
         self.health.set_consuming(false);
@@ -400,6 +405,10 @@ impl Worker {
 pub fn prefetch(concurrency: usize) -> u16 {
     u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
 }
+
+/// How long a session must have consumed for its loss to count as a new
+/// outage rather than the same one going on.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()

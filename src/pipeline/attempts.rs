@@ -256,6 +256,9 @@ impl Pipeline {
                     Err(VendorError::Throttled { retry_after }) => {
                         limiter.call_throttled(*retry_after)
                     }
+                    // Its 202 and polls told the limiter already; a 429 on the
+                    // last poll may have re-armed it, which must stand.
+                    Err(VendorError::TaskStillOpen { .. }) => {}
                     Err(_) => limiter.call_answered(None),
                 }
                 let answer = sent.map(|report| (report.outcomes, report.http_status));

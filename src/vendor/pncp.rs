@@ -182,10 +182,13 @@ impl PncpClient {
                         waited: self.task_timeout,
                     });
                 }
-                if retry_after.is_none() {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_POLL_DELAY);
+                // The pause holds the next poll for `retry_after`; a shorter
+                // (or no) wait still keeps the polls apart, growing each time.
+                let paused = retry_after.unwrap_or_default();
+                if paused < delay {
+                    tokio::time::sleep(delay - paused).await;
                 }
+                delay = (delay * 2).min(MAX_POLL_DELAY);
                 continue;
             }
             if status != 200 {
