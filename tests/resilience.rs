@@ -313,6 +313,59 @@ async fn a_probe_answered_429_does_not_hold_the_vendor_for_good() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_its_rate_limit_turn_at_shutdown_comes_back_unsent_not_unknown() {
+    let mut app = TestApp::spawn_with("stop_in_limiter", |env| {
+        env.insert("MIMECAST_RATE_LIMIT".into(), "1/min".into());
+        env.insert("SHUTDOWN_TIMEOUT".into(), "1s".into());
+        // A ledger the next worker can open while this one's is still held:
+        // Redis (database 13, used by no other test), entries kept an hour.
+        let redis =
+            std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        env.insert(
+            "LEDGER_URL".into(),
+            format!("{}/13", redis.trim_end_matches('/')),
+        );
+        env.insert("LEDGER_RETENTION".into(), "1h".into());
+    })
+    .await;
+    // Job ids unique to this run, since the Redis ledger outlives it.
+    let run = app.env["JOBS_QUEUE"].clone();
+    let (first, second) = (format!("{run}-1"), format!("{run}-2"));
+    app.queues
+        .publish(&json!({"jobId": first, "vendor": "mimecast", "data": [{"accountCode": "SL1", "numberOfUsers": 3}]}))
+        .await;
+    assert_eq!(app.queues.next_result().await.status, JobStatus::Succeeded);
+    // The next call's turn is a minute away: the job stores its in-flight
+    // marker, then waits for the rate limiter.
+    app.queues
+        .publish(&json!({"jobId": second, "vendor": "mimecast", "data": [{"accountCode": "SL2", "numberOfUsers": 4}]}))
+        .await;
+    let metrics = app.worker.health().metrics().clone();
+    tokio::time::timeout(EVENT_TIMEOUT, async {
+        while metrics.rate_limit_waiting(account_worker::job::VendorKind::Mimecast) < 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the second job waits for its turn");
+    app.stop_worker().await;
+
+    // A worker without the limit takes the job over: it was never sent, so it
+    // is sent now, not reported as an outcome nobody can know.
+    let mut env = app.env.clone();
+    env.insert("MIMECAST_RATE_LIMIT".into(), String::new());
+    let (stop, task) = common::start_worker(&env).await;
+    let result = app.queues.next_result().await;
+    assert_eq!(result.job_id, second);
+    assert_eq!(result.status, JobStatus::Succeeded, "{:?}", result.fail);
+    assert_eq!(app.mock.mimecast_account("SL2").unwrap().user_count, 4);
+    assert_eq!(app.mock.applied_count(Vendor::Mimecast, "SL2"), 1);
+    stop.cancel();
+    let _ = task.await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_keys_keep_the_jobs_in_the_queue_instead_of_dead_lettering_them() {
     let mut app = TestApp::spawn_with("wrong_keys", |env| {
         // Valid base64, wrong secret.

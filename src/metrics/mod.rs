@@ -76,6 +76,7 @@ pub struct Metrics {
     dead_letters: Family<CodeLabels, Counter>,
     jobs_in_flight: Gauge,
     rate_limit_wait: Family<VendorLabels, Counter<f64, AtomicU64>>,
+    rate_limit_waiting: Family<VendorLabels, Gauge>,
     ledger_duplicates: Counter,
     broker_reconnects: Counter,
     circuit_open: Family<VendorLabels, Gauge>,
@@ -105,6 +106,7 @@ impl Metrics {
         let dead_letters = Family::<CodeLabels, Counter>::default();
         let jobs_in_flight = Gauge::default();
         let rate_limit_wait = Family::<VendorLabels, Counter<f64, AtomicU64>>::default();
+        let rate_limit_waiting = Family::<VendorLabels, Gauge>::default();
         let ledger_duplicates = Counter::default();
         let broker_reconnects = Counter::default();
         let circuit_open = Family::<VendorLabels, Gauge>::default();
@@ -160,6 +162,11 @@ impl Metrics {
             "Time calls spent waiting for the rate limiter or a 429 pause",
             rate_limit_wait.clone(),
         );
+        registry.register(
+            "rate_limit_waiting",
+            "Calls waiting now for their turn under the rate limit or a 429 pause",
+            rate_limit_waiting.clone(),
+        );
         registry.register("ledger_duplicates", "Deliveries of already finished jobs, answered from the ledger without calling the vendor", ledger_duplicates.clone());
         registry.register(
             "broker_reconnects",
@@ -181,6 +188,7 @@ impl Metrics {
             dead_letters,
             jobs_in_flight,
             rate_limit_wait,
+            rate_limit_waiting,
             ledger_duplicates,
             broker_reconnects,
             circuit_open,
@@ -270,6 +278,24 @@ impl Metrics {
                 })
                 .inc_by(waited.as_secs_f64());
         }
+    }
+
+    /// A call starts (`1`) or stops (`-1`) waiting for its turn under the rate limit.
+    pub fn rate_limit_queue(&self, vendor: VendorKind, delta: i64) {
+        self.rate_limit_waiting
+            .get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            })
+            .inc_by(delta);
+    }
+
+    /// Calls waiting now for their turn under the vendor's rate limit.
+    pub fn rate_limit_waiting(&self, vendor: VendorKind) -> i64 {
+        self.rate_limit_waiting
+            .get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            })
+            .get()
     }
 
     /// A finished job was delivered again and answered from the ledger.

@@ -10,8 +10,9 @@ use tracing::{debug, info, warn};
 use super::state::JobState;
 use super::{Pipeline, Stop};
 use crate::batcher::Batcher;
-use crate::job::{Item, ItemError};
+use crate::job::{Item, ItemError, VendorKind};
 use crate::ledger::LedgerError;
+use crate::metrics::Metrics;
 use crate::retry::{self, Decision};
 use crate::vendor::{ItemOutcome, VendorClient, VendorError};
 
@@ -38,6 +39,9 @@ struct Round {
     server_failed: bool,
     /// Some call was refused with a 429 (not executed).
     throttled: bool,
+    /// The worker began stopping while calls waited for the rate limiter, and
+    /// they were not sent.
+    unsent: bool,
     /// Some item is left to retry for a reason other than a 429: a retryable
     /// failure, a server error, a timeout. Only such a round spends an attempt
     /// when the round was also throttled.
@@ -103,7 +107,18 @@ impl Pipeline {
             if state.attempts > 1 {
                 self.metrics.retry(vendor);
             }
-            let round = self.send_round(client, state).await;
+            // Until the job has touched the vendor, stopping also ends the wait
+            // for the rate limiter: its in-flight marker is stored by now, and a
+            // job aborted at the shutdown timeout would come back as an unknown
+            // outcome for a call that never went out.
+            let stop_unsent = (!touched_vendor).then_some(stopping);
+            let round = self.send_round(client, state, stop_unsent).await;
+            if round.unsent && !round.touched_vendor && !touched_vendor {
+                // Nothing went out: handed back, its exact progress replaces the
+                // marker.
+                state.attempts -= 1;
+                return Err(Stop::UNTOUCHED);
+            }
             touched_vendor |= round.touched_vendor;
             // Record what the round settled and that nothing is in flight any
             // more; a finished job's outcome is stored right after instead.
@@ -208,14 +223,29 @@ impl Pipeline {
 
     /// Sends every pending item once, in calls of at most the vendor's size, and
     /// records what happened to each.
-    async fn send_round(&self, client: &VendorClient, state: &mut JobState) -> Round {
+    /// While `stopping` is given, calls still waiting for the rate limiter when it
+    /// is cancelled are not sent (their items stay pending).
+    async fn send_round(
+        &self,
+        client: &VendorClient,
+        state: &mut JobState,
+        stopping: Option<&CancellationToken>,
+    ) -> Round {
         let pending: Vec<Item> = state.pending_items().into_iter().cloned().collect();
         let answers = match self.batchers.get(client.kind()) {
-            Some(batcher) => Self::send_batched(batcher, pending).await,
-            None => self.send_direct(client, pending).await,
+            Some(batcher) => Self::send_batched(batcher, pending)
+                .await
+                .into_iter()
+                .map(Some)
+                .collect(),
+            None => self.send_direct(client, pending, stopping).await,
         };
         let mut round = Round::default();
-        for (chunk, answer) in answers {
+        for answer in answers {
+            let Some((chunk, answer)) = answer else {
+                round.unsent = true;
+                continue;
+            };
             match answer {
                 Ok((outcomes, http_status)) => {
                     round.touched_vendor = true;
@@ -231,8 +261,15 @@ impl Pipeline {
         round
     }
 
-    /// One call per chunk of at most the vendor's size, all at once.
-    async fn send_direct(&self, client: &VendorClient, pending: Vec<Item>) -> Vec<Answer> {
+    /// One call per chunk of at most the vendor's size, all at once; `None` for a
+    /// chunk not sent because `stopping` was cancelled while it waited for its
+    /// turn.
+    async fn send_direct(
+        &self,
+        client: &VendorClient,
+        pending: Vec<Item>,
+        stopping: Option<&CancellationToken>,
+    ) -> Vec<Option<Answer>> {
         let vendor = client.kind();
         let limiter = self.limiters.get(vendor);
         let metrics = &self.metrics;
@@ -240,7 +277,17 @@ impl Pipeline {
             .chunks(client.max_items_per_call())
             .map(|chunk| async move {
                 // Every attempt, retries included, is charged to the rate limit.
-                metrics.rate_limit_waited(vendor, limiter.acquire().await);
+                let queued = QueuedForTurn::new(metrics, vendor);
+                let waited = match stopping {
+                    Some(stopping) => tokio::select! {
+                        biased;
+                        _ = stopping.cancelled() => return None,
+                        waited = limiter.acquire() => waited,
+                    },
+                    None => limiter.acquire().await,
+                };
+                drop(queued);
+                metrics.rate_limit_waited(vendor, waited);
                 let refs: Vec<&Item> = chunk.iter().collect();
                 let started = std::time::Instant::now();
                 let sent = client.send(&refs, limiter).await;
@@ -262,7 +309,7 @@ impl Pipeline {
                     Err(_) => limiter.call_answered(None),
                 }
                 let answer = sent.map(|report| (report.outcomes, report.http_status));
-                (chunk.to_vec(), answer)
+                Some((chunk.to_vec(), answer))
             });
         join_all(calls).await
     }
@@ -329,6 +376,26 @@ impl Pipeline {
             }
             Decision::VendorWide => round.vendor_wide = Some(error),
         }
+    }
+}
+
+/// Counts a call in `account_worker_rate_limit_waiting` while it waits for its
+/// turn, however the wait ends.
+struct QueuedForTurn<'a> {
+    metrics: &'a Metrics,
+    vendor: VendorKind,
+}
+
+impl<'a> QueuedForTurn<'a> {
+    fn new(metrics: &'a Metrics, vendor: VendorKind) -> Self {
+        metrics.rate_limit_queue(vendor, 1);
+        Self { metrics, vendor }
+    }
+}
+
+impl Drop for QueuedForTurn<'_> {
+    fn drop(&mut self) {
+        self.metrics.rate_limit_queue(self.vendor, -1);
     }
 }
 
