@@ -7,7 +7,7 @@
 //! been alone; a failure of the whole call is reported to each of its items.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
@@ -111,21 +111,7 @@ async fn send(
 ) {
     let items: Vec<&Item> = batch.iter().map(|s| &s.item).collect();
     debug!(items = items.len(), "sending a coalesced call");
-    let started = Instant::now();
-    let sent = client.send(&items, limiters.get(vendor)).await;
-    let status = match &sent {
-        Ok(report) => report.http_status.to_string(),
-        Err(error) => error.status_label(),
-    };
-    metrics.vendor_call(vendor, &status, started.elapsed());
-    match &sent {
-        Ok(report) => limiters.get(vendor).call_answered(report.quota),
-        Err(VendorError::Throttled { retry_after }) => {
-            limiters.get(vendor).call_throttled(*retry_after)
-        }
-        Err(VendorError::TaskStillOpen { .. }) => {}
-        Err(_) => limiters.get(vendor).call_answered(None),
-    }
+    let sent = client.call(&items, limiters.get(vendor), &metrics).await;
     match sent {
         Ok(report) => {
             let http_status = report.http_status;

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
@@ -342,17 +340,9 @@ async fn publish_jobs(
 async fn wait_for_consumer(channel: &lapin::Channel, queue: &str) -> Result<(), BenchError> {
     let give_up = Instant::now() + Duration::from_secs(60);
     loop {
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let declared = broker::inspect_queue(channel, queue)
             .await
-            .map_err(|e| format!("cannot inspect {queue}: {e}"))?;
+            .map_err(|e| e.to_string())?;
         if declared.consumer_count() > 0 {
             return Ok(());
         }

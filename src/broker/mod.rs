@@ -8,7 +8,7 @@ mod publisher;
 mod topology;
 
 pub use publisher::Publisher;
-pub use topology::{declare, declare_consumed, queue_depth};
+pub use topology::{declare, declare_consumed, inspect_queue, queue_depth};
 
 /// A broker operation that failed; every message says what to check.
 #[derive(Debug, thiserror::Error)]

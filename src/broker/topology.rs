@@ -41,8 +41,19 @@ pub async fn declare_consumed(connection: &Connection, name: &str) -> Result<(),
     declare_one(connection, name).await.map(|_| ())
 }
 
-/// Messages ready in an existing queue (a passive declare: it creates nothing).
+/// Messages ready in an existing queue.
 pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> Result<u32, BrokerError> {
+    inspect_queue(channel, queue)
+        .await
+        .map(|declared| declared.message_count())
+}
+
+/// What the broker reports of an existing queue: its ready messages and its
+/// consumers (a passive declare: it creates nothing).
+pub async fn inspect_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> Result<lapin::Queue, BrokerError> {
     channel
         .queue_declare(
             queue.into(),
@@ -53,7 +64,6 @@ pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> Result<u32, B
             FieldTable::default(),
         )
         .await
-        .map(|declared| declared.message_count())
         .map_err(|cause| BrokerError::Topology {
             queue: queue.to_owned(),
             cause,

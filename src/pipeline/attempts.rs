@@ -289,25 +289,7 @@ impl Pipeline {
                 drop(queued);
                 metrics.rate_limit_waited(vendor, waited);
                 let refs: Vec<&Item> = chunk.iter().collect();
-                let started = std::time::Instant::now();
-                let sent = client.send(&refs, limiter).await;
-                let status = match &sent {
-                    Ok(report) => report.http_status.to_string(),
-                    Err(error) => error.status_label(),
-                };
-                metrics.vendor_call(vendor, &status, started.elapsed());
-                match &sent {
-                    Ok(report) => limiter.call_answered(report.quota),
-                    // Paused now, not once the job's other calls are back: they
-                    // may be held behind this call as the limiter's probe.
-                    Err(VendorError::Throttled { retry_after }) => {
-                        limiter.call_throttled(*retry_after)
-                    }
-                    // Its 202 and polls told the limiter already; a 429 on the
-                    // last poll may have re-armed it, which must stand.
-                    Err(VendorError::TaskStillOpen { .. }) => {}
-                    Err(_) => limiter.call_answered(None),
-                }
+                let sent = client.call(&refs, limiter, metrics).await;
                 let answer = sent.map(|report| (report.outcomes, report.http_status));
                 Some((chunk.to_vec(), answer))
             });

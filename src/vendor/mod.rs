@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::config::Settings;
 use crate::job::{Item, ItemError, VendorKind};
 use crate::limiter::VendorLimiter;
+use crate::metrics::Metrics;
 
 mod http;
 pub mod mimecast;
@@ -162,6 +163,34 @@ impl VendorClient {
             Self::Mimecast(client) => client.send(items).await,
             Self::Pncp(client) => client.send(items, limiter).await,
         }
+    }
+
+    /// [`Self::send`], then what every call owes the rest of the worker: its
+    /// status and latency in the metrics, and what the vendor's answer tells the
+    /// limiter. A 429 pauses the limiter at once, not once a job's other calls
+    /// are back, since they may be held behind this call as the limiter's probe.
+    pub async fn call(
+        &self,
+        items: &[&Item],
+        limiter: &VendorLimiter,
+        metrics: &Metrics,
+    ) -> Result<CallReport, VendorError> {
+        let started = std::time::Instant::now();
+        let sent = self.send(items, limiter).await;
+        let status = match &sent {
+            Ok(report) => report.http_status.to_string(),
+            Err(error) => error.status_label(),
+        };
+        metrics.vendor_call(self.kind(), &status, started.elapsed());
+        match &sent {
+            Ok(report) => limiter.call_answered(report.quota),
+            Err(VendorError::Throttled { retry_after }) => limiter.call_throttled(*retry_after),
+            // Its 202 and polls told the limiter already; a 429 on the last
+            // poll may have re-armed it, which must stand.
+            Err(VendorError::TaskStillOpen { .. }) => {}
+            Err(_) => limiter.call_answered(None),
+        }
+        sent
     }
 }
 
