@@ -260,6 +260,12 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Another job asking for a pass, in a task of its own.
+    fn spawn_pass(circuit: &Arc<Circuit>) -> tokio::task::JoinHandle<Pass> {
+        let circuit = circuit.clone();
+        tokio::spawn(async move { circuit.pass().await.0 })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_tripped_circuit_lets_one_probe_through_after_the_delay() {
         let circuit = Arc::new(Circuit::default());
@@ -269,10 +275,7 @@ mod tests {
         let (probe, _probing) = circuit.pass().await;
         assert!(probe.is_probe());
         assert!(started.elapsed() >= FIRST_PROBE_DELAY);
-        let waiter = {
-            let circuit = circuit.clone();
-            tokio::spawn(async move { circuit.pass().await.0 })
-        };
+        let waiter = spawn_pass(&circuit);
         tokio::task::yield_now().await;
         assert!(
             !waiter.is_finished(),
@@ -319,10 +322,7 @@ mod tests {
         circuit.trip("401".into(), Pass::Closed);
         let (probe, probing) = circuit.pass().await;
         assert!(probe.is_probe());
-        let waiter = {
-            let circuit = circuit.clone();
-            tokio::spawn(async move { circuit.pass().await.0 })
-        };
+        let waiter = spawn_pass(&circuit);
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "the others wait for the probe");
 
@@ -351,10 +351,7 @@ mod tests {
         assert!(current.is_probe());
         // The stale probe's slow call fails now.
         assert!(!circuit.trip("late".into(), stale));
-        let waiter = {
-            let circuit = circuit.clone();
-            tokio::spawn(async move { circuit.pass().await.0 })
-        };
+        let waiter = spawn_pass(&circuit);
         tokio::time::sleep(MAX_PROBE_DELAY * 2).await;
         assert!(
             !waiter.is_finished(),
@@ -370,10 +367,7 @@ mod tests {
         circuit.trip("401 again".into(), first);
         let (second, _second_round) = circuit.pass().await;
         assert!(second.is_probe());
-        let waiter = {
-            let circuit = circuit.clone();
-            tokio::spawn(async move { circuit.pass().await.0 })
-        };
+        let waiter = spawn_pass(&circuit);
         drop(first_round);
         tokio::time::sleep(MAX_PROBE_DELAY * 2).await;
         assert!(

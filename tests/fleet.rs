@@ -12,20 +12,15 @@ use account_worker::job::{JobResult, VendorKind};
 use account_worker::limiter::Limiters;
 use account_worker::mock_vendor::{MockVendor, MockVendorConfig, Vendor};
 use account_worker::worker::Worker;
-use common::{start_worker_with_handle, Queues, EVENT_TIMEOUT};
+// Each test takes its own Redis database, and rate keys are named after the
+// mock vendor's random port, so parallel tests share no state.
+use common::{redis_url, start_worker_with_handle, Queues, EVENT_TIMEOUT};
 use redis::aio::ConnectionManager;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// The Redis the tests use. Each test takes its own database, and rate keys are
-/// named after the mock vendor's random port, so parallel tests share no state.
-fn redis_url(db: u8) -> String {
-    let base = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    format!("{}/{db}", base.trim_end_matches('/'))
-}
 
 /// A mock vendor on a random port.
 async fn start_mock() -> MockVendor {

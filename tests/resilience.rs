@@ -319,12 +319,7 @@ async fn a_job_waiting_for_its_rate_limit_turn_at_shutdown_comes_back_unsent_not
         env.insert("SHUTDOWN_TIMEOUT".into(), "1s".into());
         // A ledger the next worker can open while this one's is still held:
         // Redis (database 13, used by no other test), entries kept an hour.
-        let redis =
-            std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        env.insert(
-            "LEDGER_URL".into(),
-            format!("{}/13", redis.trim_end_matches('/')),
-        );
+        env.insert("LEDGER_URL".into(), common::redis_url(13));
         env.insert("LEDGER_RETENTION".into(), "1h".into());
     })
     .await;
@@ -455,24 +450,7 @@ async fn a_deleted_extra_queue_is_declared_again_and_consumed() {
         .await
         .expect("the worker reopens its broker session");
     let job = json!({"jobId": "xq-1", "vendor": "mimecast", "data": [{"accountCode": "XQ", "numberOfUsers": 2}]});
-    let confirm = app
-        .queues
-        .channel
-        .basic_publish(
-            "".into(),
-            extra.as_str().into(),
-            lapin::options::BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &serde_json::to_vec(&job).unwrap(),
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack());
+    app.queues.publish_to(&extra, &job).await;
     let result = app.queues.next_result().await;
     assert_eq!(result.job_id, "xq-1");
     assert_eq!(result.status, JobStatus::Succeeded);

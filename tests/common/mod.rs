@@ -30,6 +30,15 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
+/// The Redis the tests use: `TEST_REDIS_URL`, or the local default, with
+/// database `db`. Each test takes its own database, so parallel tests share no
+/// state.
+#[allow(dead_code)] // not every test binary uses Redis
+pub fn redis_url(db: u8) -> String {
+    let base = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    format!("{}/{db}", base.trim_end_matches('/'))
+}
+
 /// A unique jobs-queue name for one test.
 pub fn unique_queue(test: &str) -> String {
     format!("test.{test}.{}", uuid::Uuid::new_v4().simple())
@@ -155,11 +164,22 @@ impl Queues {
 
     /// Publishes raw bytes to the jobs queue and waits for the broker's confirm.
     pub async fn publish_raw(&self, body: &[u8]) {
+        self.publish_raw_to(&self.names.jobs, body).await;
+    }
+
+    /// Publishes a JSON job to `queue` (another queue the worker consumes).
+    #[allow(dead_code)] // not every test binary consumes several queues
+    pub async fn publish_to(&self, queue: &str, job: &Value) {
+        self.publish_raw_to(queue, &serde_json::to_vec(job).expect("json"))
+            .await;
+    }
+
+    async fn publish_raw_to(&self, queue: &str, body: &[u8]) {
         let confirm = self
             .channel
             .basic_publish(
                 "".into(),
-                self.names.jobs.as_str().into(),
+                queue.into(),
                 BasicPublishOptions::default(),
                 body,
                 BasicProperties::default().with_delivery_mode(2),
