@@ -73,6 +73,7 @@ struct RawSettings {
     metrics_addr: String,
     shutdown_timeout: String,
     max_deliveries: String,
+    held_delivery_max: String,
     rust_log: String,
     log_format: String,
 }
@@ -107,6 +108,7 @@ const KEYS: &[&str] = &[
     "metrics_addr",
     "shutdown_timeout",
     "max_deliveries",
+    "held_delivery_max",
     "rust_log",
     "log_format",
 ];
@@ -150,6 +152,11 @@ pub struct BrokerSettings {
     pub concurrency: NonZeroUsize,
     /// Deliveries of one job before it is dead-lettered as poison.
     pub max_deliveries: NonZeroU32,
+    /// `HELD_DELIVERY_MAX`: the longest a delivery stays unacked while its job
+    /// waits (its vendor held, another copy running) before it is put back at
+    /// the tail of its queue. Kept well under the broker's `consumer_timeout`
+    /// (30 min by default), which would close the channel and every job on it.
+    pub held_delivery_max: Duration,
 }
 
 /// The three queue names derived from `JOBS_QUEUE`.
@@ -389,6 +396,10 @@ impl Settings {
                 .map(|n| NonZeroUsize::new(n as usize).unwrap_or(NonZeroUsize::MIN))?,
             max_deliveries: parse_bounded("MAX_DELIVERIES", &raw.max_deliveries, 1, 1000)
                 .map(|n| NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN))?,
+            held_delivery_max: parse_positive_duration(
+                "HELD_DELIVERY_MAX",
+                &raw.held_delivery_max,
+            )?,
         };
         let retry = RetrySettings {
             initial_delay: parse_duration("RETRY_INITIAL_DELAY", &raw.retry_initial_delay)?,
@@ -728,6 +739,18 @@ mod tests {
         assert_eq!(s.log.format, LogFormat::Json);
         let s = load(&[("SHUTDOWN_TIMEOUT", "2s")]).unwrap();
         assert_eq!(s.shutdown_timeout, Duration::from_secs(2));
+        let s = load(&[("HELD_DELIVERY_MAX", "2s")]).unwrap();
+        assert_eq!(s.broker.held_delivery_max, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn held_delivery_max_defaults_under_the_consumer_timeout_and_must_be_positive() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.broker.held_delivery_max, Duration::from_secs(600));
+        assert_eq!(
+            setting_of(load(&[("HELD_DELIVERY_MAX", "0s")]).unwrap_err()),
+            "HELD_DELIVERY_MAX"
+        );
     }
 
     #[test]

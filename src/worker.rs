@@ -11,6 +11,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
+use lapin::BasicProperties;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -212,11 +213,18 @@ impl Worker {
         // Each queue's stream ends with a `None` of its own: `select_all` alone
         // would drop a cancelled consumer (its queue deleted) and go on with the
         // others, and that queue would never be consumed again.
-        let mut consumer = futures_util::stream::select_all(consumers.into_iter().map(|c| {
-            c.map(Some)
-                .chain(futures_util::stream::once(async { None }))
-                .boxed()
-        }));
+        // Each delivery carries the queue it came from, where a requeued one goes back.
+        let mut consumer = futures_util::stream::select_all(
+            consumers
+                .into_iter()
+                .zip(broker.consume_queues.iter().cloned())
+                .map(|(c, queue)| {
+                    let queue: Arc<str> = queue.into();
+                    c.map(move |delivery| Some((queue.clone(), delivery)))
+                        .chain(futures_util::stream::once(async { None }))
+                        .boxed()
+                }),
+        );
         info!(queues = ?broker.consume_queues, concurrency = broker.concurrency.get(), "consuming jobs");
         self.health.set_consuming(true);
         self.health.session_started();
@@ -234,7 +242,8 @@ impl Worker {
                     reason: "a result or dead letter was not confirmed; reopening the session".to_owned(),
                 }),
                 delivery = consumer.next() => match delivery {
-                    Some(Some(Ok(delivery))) => {
+                    Some(Some((queue, Ok(delivery)))) => {
+                        let hold_until = tokio::time::Instant::now() + broker.held_delivery_max;
                         // Parsed here, in delivery order, so that each job takes its
                         // place behind earlier jobs of the same accounts.
                         let parsed = crate::job::parse(&delivery.data);
@@ -247,12 +256,13 @@ impl Worker {
                         let stopping = stopping.clone();
                         let broken = broken.clone();
                         tasks.spawn(async move {
+                            let from = Received { queue, hold_until };
                             worker
-                                .handle(delivery, parsed, place, &publisher, &stopping, &broken)
+                                .handle(delivery, from, parsed, place, &publisher, &stopping, &broken)
                                 .await
                         });
                     }
-                    Some(Some(Err(e))) => break Some(BrokerError::Channel(e)),
+                    Some(Some((_, Err(e)))) => break Some(BrokerError::Channel(e)),
                     Some(None) | None => break Some(BrokerError::NotConfirmed {
                         queue: broker.jobs_queue.jobs.clone(),
                         reason: "the broker cancelled the consumer (queue deleted?)".to_owned(),
@@ -309,9 +319,11 @@ impl Worker {
     /// The job waits for its account's turn before the pipeline gives it one of
     /// the `WORKER_CONCURRENCY` slots, in that order: a job holding a slot can
     /// always go on, so jobs waiting for their turn cannot deadlock the slots.
+    #[allow(clippy::too_many_arguments)]
     async fn handle(
         &self,
         delivery: Delivery,
+        from: Received,
         parsed: Result<Job, Malformed>,
         mut place: Place,
         publisher: &Publisher,
@@ -336,6 +348,7 @@ impl Worker {
             &delivery.data,
             parsed,
             replay_id.as_deref(),
+            from.hold_until,
             stopping,
         ));
         // A bug must not leave the delivery unacked forever: hand it back, and the
@@ -350,6 +363,7 @@ impl Worker {
                 }),
         };
         let settled = match outcome {
+            Outcome::Requeue => self.requeue(&delivery, &from.queue, publisher).await,
             Outcome::HandBack => delivery
                 .acker
                 .nack(BasicNackOptions {
@@ -397,13 +411,69 @@ impl Worker {
     }
 }
 
-/// Deliveries the broker may push ahead of the jobs running: twice the
-/// concurrency, so a freed slot starts its next job at once instead of waiting a
-/// broker round trip for it, and finished jobs publish and ack while the next
-/// ones run. Memory stays bounded by the prefetch, not the backlog. Measured in
-/// `account-worker bench` (README, Performance).
+/// Where a delivery came from and how long it may wait unacked.
+struct Received {
+    /// The consumed queue, where a requeued delivery is published again.
+    queue: Arc<str>,
+    /// Arrival plus `HELD_DELIVERY_MAX`.
+    hold_until: tokio::time::Instant,
+}
+
+impl Worker {
+    /// Puts a waiting job's delivery back at the tail of its queue: the same
+    /// body and headers published again (confirmed), then the delivery acked.
+    /// A plain nack-requeue would put it back at the head, where the same held
+    /// jobs come straight back and the jobs behind them never arrive, and on a
+    /// quorum queue each requeue counts towards its delivery limit. When the
+    /// publish fails, the delivery is nacked back instead: never lost.
+    async fn requeue(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        publisher: &Publisher,
+    ) -> Result<(), lapin::Error> {
+        let mut properties: BasicProperties = delivery.properties.clone().with_delivery_mode(2);
+        if let Some(headers) = properties.headers().clone() {
+            // The broker's own count of this message's deliveries: the copy is a
+            // new message, and a stale count must not reach its dead-letter logic.
+            let mut kept = FieldTable::default();
+            for (name, value) in headers.inner() {
+                if name.as_str() != "x-delivery-count" {
+                    kept.insert(name.clone(), value.clone());
+                }
+            }
+            properties = properties.with_headers(kept);
+        }
+        match publisher.publish(queue, &delivery.data, properties).await {
+            Ok(()) => {
+                self.health.metrics().held_requeue();
+                delivery.acker.ack(BasicAckOptions::default()).await
+            }
+            Err(e) => {
+                warn!(error = %e, queue, "cannot put a waiting job back at the tail of its queue; handing it back to the head instead");
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+            }
+        }
+        .map(|_| ())
+    }
+}
+
+/// Deliveries the broker may push ahead of the jobs running: three times the
+/// concurrency. A concurrency's worth run, as many wait ready behind them so a
+/// freed slot starts its next job at once instead of waiting a broker round
+/// trip for it (and finished jobs publish and ack while the next ones run), and
+/// a concurrency's worth may wait for a held vendor or another copy's outcome
+/// without taking that room from the other vendor's jobs (see
+/// `pipeline::hold`). Memory stays bounded by the prefetch, not the backlog.
+/// Measured in `account-worker bench` (README, Performance).
 pub fn prefetch(concurrency: usize) -> u16 {
-    u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
+    u16::try_from(concurrency.saturating_mul(3)).unwrap_or(u16::MAX)
 }
 
 /// How long a session must have consumed for its loss to count as a new

@@ -79,6 +79,7 @@ pub struct Metrics {
     rate_limit_waiting: Family<VendorLabels, Gauge>,
     ledger_duplicates: Counter,
     broker_reconnects: Counter,
+    held_requeued: Counter,
     circuit_open: Family<VendorLabels, Gauge>,
     ledger_errors: Counter,
     ledger_down: Gauge,
@@ -109,6 +110,7 @@ impl Metrics {
         let rate_limit_waiting = Family::<VendorLabels, Gauge>::default();
         let ledger_duplicates = Counter::default();
         let broker_reconnects = Counter::default();
+        let held_requeued = Counter::default();
         let circuit_open = Family::<VendorLabels, Gauge>::default();
         let ledger_errors = Counter::default();
         let ledger_down = Gauge::default();
@@ -154,7 +156,7 @@ impl Metrics {
         );
         registry.register(
             "jobs_in_flight",
-            "Jobs this worker holds now: running, waiting for a concurrency slot or their account's turn, or publishing (at most the prefetch, 2 x WORKER_CONCURRENCY)",
+            "Jobs this worker holds now: running, waiting for a concurrency slot or their account's turn, or publishing (at most the prefetch, 3 x WORKER_CONCURRENCY)",
             jobs_in_flight.clone(),
         );
         registry.register(
@@ -174,6 +176,11 @@ impl Metrics {
             broker_reconnects.clone(),
         );
         registry.register(
+            "held_requeued",
+            "Deliveries put back at the tail of their queue while their job waited (vendor held, another copy running), so none stays unacked near the broker's consumer_timeout",
+            held_requeued.clone(),
+        );
+        registry.register(
             "circuit_open",
             "1 while a vendor's jobs are held (credentials refused or vendor unreachable)",
             circuit_open.clone(),
@@ -191,6 +198,7 @@ impl Metrics {
             rate_limit_waiting,
             ledger_duplicates,
             broker_reconnects,
+            held_requeued,
             circuit_open,
             ledger_errors,
             ledger_down,
@@ -306,6 +314,16 @@ impl Metrics {
     /// The broker session was lost.
     pub fn broker_reconnect(&self) {
         self.broker_reconnects.inc();
+    }
+
+    /// A waiting job's delivery was put back at the tail of its queue.
+    pub fn held_requeue(&self) {
+        self.held_requeued.inc();
+    }
+
+    /// Deliveries put back at the tail of their queue so far.
+    pub fn held_requeues(&self) -> u64 {
+        self.held_requeued.get()
     }
 
     /// Broker sessions lost so far.

@@ -4,11 +4,13 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::sync::SemaphorePermit;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::state::JobState;
-use super::{Pipeline, Stop};
+use super::{hold, Pipeline, Stop};
 use crate::batcher::Batcher;
 use crate::job::{Item, ItemError, VendorKind};
 use crate::ledger::LedgerError;
@@ -50,13 +52,21 @@ struct Round {
 
 impl Pipeline {
     /// Calls the vendor until no item is pending. Returns `Err(Stop)` when the
-    /// worker is stopping and this job has not touched the vendor yet.
-    pub(super) async fn attempt_all(
-        &self,
+    /// worker is stopping and this job has not touched the vendor yet, or when
+    /// the job waited at its vendor's circuit past `hold_until`.
+    ///
+    /// `slot`, when given, is a concurrency slot already taken. The job holds a
+    /// slot from the circuit's pass on, and gives it up whenever it waits for
+    /// its held vendor, so held jobs never take capacity from the other vendor.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn attempt_all<'s>(
+        &'s self,
         client: &VendorClient,
         state: &mut JobState,
         owner: &str,
         mut premarked: bool,
+        mut slot: Option<SemaphorePermit<'s>>,
+        hold_until: Instant,
         stopping: &CancellationToken,
     ) -> Result<(), Stop> {
         let vendor = client.kind();
@@ -68,10 +78,32 @@ impl Pipeline {
             // without one hands its turn on when this is dropped, before any
             // backoff of this job's own, so the vendor's other jobs need not wait
             // it out.
+            let waiting = match circuit.is_closed() {
+                true => None,
+                false => {
+                    slot = None;
+                    Some(self.holds.enter(vendor, hold_until))
+                }
+            };
             let (pass, probing) = tokio::select! {
+                biased;
                 pass = circuit.pass() => pass,
                 _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
+                // Nothing is in flight here: the job's state is exact, and the
+                // delivery goes back to the tail of its queue before the broker's
+                // consumer timeout could close the channel over it.
+                _ = hold::requeue_due(waiting.as_ref()) => {
+                    info!(%vendor, "{vendor} still held: putting the job back at the tail of its queue");
+                    return Err(Stop::REQUEUE);
+                }
             };
+            drop(waiting);
+            if slot.is_none() {
+                slot = tokio::select! {
+                    slot = self.slots.acquire() => slot.ok(),
+                    _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
+                };
+            }
             // The in-flight marker must be stored before an additive item is sent:
             // it is what keeps a redelivery from sending it again. Idempotent
             // items are simply resent, so they need no marker (and no fsync).
@@ -99,7 +131,7 @@ impl Pipeline {
                 warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stopping.cancelled() => return Err(Stop { untouched: !touched_vendor }),
+                    _ = stopping.cancelled() => return Err(Stop { untouched: !touched_vendor, requeue: false }),
                 }
             }
             state.attempts += 1;

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -18,9 +19,11 @@ use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
 mod attempts;
+mod hold;
 mod lease;
 mod state;
 
+use hold::Holds;
 use lease::LeaseKeeper;
 use state::JobState;
 
@@ -53,6 +56,11 @@ pub enum Outcome {
     },
     /// Give the message back to the queue untouched (shutdown before any vendor effect).
     HandBack,
+    /// The job waited too long without calling (its vendor held, another copy
+    /// running): publish the message again at the tail of its queue, confirmed,
+    /// then ack this delivery. Its lease is released with its exact progress and
+    /// the delivery does not count towards `MAX_DELIVERIES`.
+    Requeue,
 }
 
 /// The worker is stopping and this job has not touched the vendor: hand it back.
@@ -61,11 +69,25 @@ pub(crate) struct Stop {
     /// Nothing this delivery sent can have been applied (every call failed
     /// before the vendor acted, or none was made), so its in-flight marker may go.
     pub(crate) untouched: bool,
+    /// Not stopping: the job waited past its delivery's hold (at the circuit or
+    /// for another copy), with no call in flight, so its state is exact. The
+    /// delivery goes back to the tail of its queue.
+    pub(crate) requeue: bool,
 }
 
 impl Stop {
-    pub(crate) const UNTOUCHED: Self = Self { untouched: true };
-    pub(crate) const TOUCHED: Self = Self { untouched: false };
+    pub(crate) const UNTOUCHED: Self = Self {
+        untouched: true,
+        requeue: false,
+    };
+    pub(crate) const TOUCHED: Self = Self {
+        untouched: false,
+        requeue: false,
+    };
+    pub(crate) const REQUEUE: Self = Self {
+        untouched: false,
+        requeue: true,
+    };
 }
 
 /// How the pipeline treats the ledger and repeated deliveries.
@@ -89,10 +111,14 @@ pub struct Pipeline {
     policy: LedgerPolicy,
     batchers: Batchers,
     leases: LeaseKeeper,
-    /// `WORKER_CONCURRENCY`: jobs between their ledger claim and their last
-    /// vendor call. Storing the outcome, publishing and acking happen outside
-    /// a slot, overlapping with the next job's call; the prefetch bounds those.
+    /// `WORKER_CONCURRENCY`: jobs calling their vendor, from the circuit's pass
+    /// to their last call. A job waiting at its vendor's circuit or for another
+    /// copy's outcome holds none, so one vendor's outage or a slow job's copies
+    /// never take capacity from other jobs. Claiming, storing the outcome,
+    /// publishing and acking happen outside a slot; the prefetch bounds those.
     slots: Semaphore,
+    /// Deliveries waiting without a slot, and when they go back to the queue.
+    holds: Holds,
 }
 
 /// The batching task of each vendor that has one (`MIMECAST_BATCH_MAX` > 1).
@@ -128,6 +154,11 @@ impl Pipeline {
     ) -> Self {
         Self {
             slots: Semaphore::new(concurrency),
+            // Each vendor keeps up to a concurrency's worth of waiting deliveries
+            // (the prefetch has room for them besides the running and ready
+            // jobs, see `worker::prefetch`); requeues beyond it are paced at a
+            // prefetch's worth a second.
+            holds: Holds::new(concurrency, concurrency.saturating_mul(3)),
             leases: LeaseKeeper::start(ledger.clone(), policy.lease),
             vendors,
             limiters,
@@ -148,11 +179,16 @@ impl Pipeline {
     /// `replay_id` is set when an operator replayed the message from the
     /// dead-letter queue (`x-replay-id` header): the replay is then a new attempt
     /// at the change, with its own ledger entry.
+    ///
+    /// `hold_until` is when the delivery must be back in the queue if its job
+    /// is still waiting then without calling (`Outcome::Requeue`): the
+    /// delivery's arrival plus `HELD_DELIVERY_MAX`.
     pub async fn process(
         &self,
         body: &[u8],
         parsed: Result<Job, Malformed>,
         replay_id: Option<&str>,
+        hold_until: Instant,
         stopping: &CancellationToken,
     ) -> Outcome {
         match parsed {
@@ -170,30 +206,43 @@ impl Pipeline {
                     job.ledger_key = job.id.replayed(replay_id);
                 }
                 let span = tracing::info_span!("job", job_id = %job.id, vendor = %job.vendor, attempt = tracing::field::Empty);
-                self.process_job(job, stopping).instrument(span).await
+                let outcome = self
+                    .process_job(job, hold_until, stopping)
+                    .instrument(span)
+                    .await;
+                if matches!(outcome, Outcome::Finished { .. }) {
+                    self.holds.credit();
+                }
+                outcome
             }
         }
     }
 
-    async fn process_job(&self, job: Job, stopping: &CancellationToken) -> Outcome {
-        let slot = tokio::select! {
-            biased;
-            _ = stopping.cancelled() => None,
-            slot = self.slots.acquire() => slot.ok(),
-        };
-        let Some(slot) = slot else {
+    async fn process_job(
+        &self,
+        job: Job,
+        hold_until: Instant,
+        stopping: &CancellationToken,
+    ) -> Outcome {
+        if stopping.is_cancelled() {
             return Outcome::HandBack;
-        };
+        }
+        // The slot is taken at the circuit's pass, so a job that waits there or
+        // for another copy's outcome holds none. A free slot taken now keeps the
+        // one-write claim: its first call's marker may be stored with the claim
+        // only when nothing can delay that call, a wait for a slot included.
+        let mut slot = self.slots.try_acquire().ok();
         let owner = uuid::Uuid::new_v4().to_string();
-        let first_marker = self.first_marker(&job);
+        let first_marker = slot.as_ref().and_then(|_| self.first_marker(&job));
         let Owned {
             progress,
             deliveries,
             marked: premarked,
         } = match self
-            .claim(&job, &owner, first_marker.as_ref(), stopping)
+            .claim(&job, &owner, first_marker, &mut slot, hold_until, stopping)
             .await
         {
+            Err(stop) if stop.requeue => return Outcome::Requeue,
             Err(_) => return Outcome::HandBack,
             Ok(Err(finished)) => {
                 info!("already finished: publishing its stored outcome again without calling the vendor");
@@ -235,7 +284,8 @@ impl Pipeline {
         } else {
             match self.vendors.get(state.job.vendor) {
                 Some(client) => {
-                    self.attempt_all(client, &mut state, &owner, premarked, stopping)
+                    let slot = slot.take();
+                    self.attempt_all(client, &mut state, &owner, premarked, slot, hold_until, stopping)
                         .await
                 }
                 None => {
@@ -260,12 +310,16 @@ impl Pipeline {
             // job stopped before its call (its claim may carry the first call's
             // marker) must not come back as an unknown outcome, while unknowns
             // it inherited stay recorded as such.
-            let exact = stop.untouched.then(|| state.progress(&[]));
+            // A requeued job waited with no call in flight: its state is exact too.
+            let exact = (stop.untouched || stop.requeue).then(|| state.progress(&[]));
             let _ = self
                 .ledger
                 .release(&state.job.ledger_key, &owner, exact.as_ref())
                 .await;
-            return Outcome::HandBack;
+            return match stop.requeue {
+                true => Outcome::Requeue,
+                false => Outcome::HandBack,
+            };
         }
         let outcome = finished(&state);
         if let Outcome::Finished {
@@ -361,18 +415,30 @@ impl Pipeline {
 
     /// Takes the job's lease, waiting while another delivery holds it: the progress
     /// to resume from and the delivery count, or the finished job's stored outcome.
-    async fn claim(
-        &self,
+    ///
+    /// A copy waiting for another delivery's outcome gives up `slot` (and with
+    /// it the first marker, which needs the slot), and goes back to the queue
+    /// when its hold is over (`Stop::REQUEUE`).
+    async fn claim<'s>(
+        &'s self,
         job: &Job,
         owner: &str,
-        first_marker: Option<&Progress>,
+        mut first_marker: Option<Progress>,
+        slot: &mut Option<SemaphorePermit<'s>>,
+        hold_until: Instant,
         stopping: &CancellationToken,
     ) -> Result<Result<Owned, Box<Finished>>, Stop> {
         let mut wait = Duration::from_millis(50);
+        let mut waiting = None;
         loop {
             let claimed = self
                 .ledger
-                .claim(&job.ledger_key, owner, self.policy.lease, first_marker)
+                .claim(
+                    &job.ledger_key,
+                    owner,
+                    self.policy.lease,
+                    first_marker.as_ref(),
+                )
                 .await;
             if claimed.is_ok() {
                 self.metrics.ledger_ok();
@@ -380,6 +446,11 @@ impl Pipeline {
             match claimed {
                 Ok(Claim::Busy) => {
                     debug!("another delivery of this job is in progress; waiting for its outcome");
+                    *slot = None;
+                    first_marker = None;
+                    if waiting.is_none() {
+                        waiting = Some(self.holds.enter(job.vendor, hold_until));
+                    }
                 }
                 Ok(Claim::Owned {
                     progress,
@@ -401,6 +472,10 @@ impl Pipeline {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stopping.cancelled() => return Err(Stop::UNTOUCHED),
+                _ = hold::requeue_due(waiting.as_ref()) => {
+                    info!("still waiting for another delivery of this job: putting this one back at the tail of the queue");
+                    return Err(Stop::REQUEUE);
+                }
             }
             wait = (wait * 2).min(Duration::from_secs(2));
         }
