@@ -96,8 +96,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchConsumer { baseline } => {
             bench::baselines::run(&settings, baseline, shutdown::on_signal()).await?;
         }
-        Command::MockVendor { listen, latency } => {
-            cli::mock::run(&settings, listen, latency, shutdown::on_signal()).await?;
+        Command::MockVendor {
+            listen,
+            latency,
+            faults,
+        } => {
+            let random = faults.random_faults();
+            cli::mock::run(&settings, listen, latency, random, shutdown::on_signal()).await?;
         }
     }
     Ok(())

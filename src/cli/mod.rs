@@ -86,6 +86,9 @@ pub enum Command {
         /// Added latency per vendor call.
         #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
         latency: Duration,
+        /// Random faults, for soaks.
+        #[command(flatten)]
+        faults: mock::RandomFaultArgs,
     },
     /// Measure throughput, vendor calls, CPU and memory against the real broker and
     /// the mock vendor, next to a naive consumer and the broker ceiling.
