@@ -121,6 +121,7 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
     }
     Ok(Job {
         ledger_key: job_id.clone(),
+        replay: None,
         id: job_id,
         vendor,
         items,

@@ -10,7 +10,9 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::batcher::Batcher;
 use crate::circuit::Circuits;
-use crate::job::{FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, ResultMeta};
+use crate::job::{
+    FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, OutcomeId, ReplayClaim, ResultMeta,
+};
 use crate::ledger::{Claim, Finished, Ledger, Progress, StoredDeadLetter};
 use crate::limiter::Limiters;
 use crate::metrics::Metrics;
@@ -19,6 +21,7 @@ use crate::vendor::Vendors;
 
 mod attempts;
 mod lease;
+mod replay;
 mod state;
 
 use lease::LeaseKeeper;
@@ -37,6 +40,11 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// `x-job-id`, where known.
     pub job_id: Option<String>,
+    /// `x-outcome-id`: the stored outcome it belongs to, the same in every copy,
+    /// which keys its replay. `None` for a malformed message (never stored).
+    pub outcome_id: Option<OutcomeId>,
+    /// `x-run-replay-id`: set when the run that produced it was a replay.
+    pub run_replay_id: Option<OutcomeId>,
 }
 
 /// What the broker layer must do with a delivery.
@@ -145,14 +153,15 @@ impl Pipeline {
     /// cancelled when the worker shuts down: a job that has not yet touched the
     /// vendor is then handed back.
     ///
-    /// `replay_id` is set when an operator replayed the message from the
-    /// dead-letter queue (`x-replay-id` header): the replay is then a new attempt
-    /// at the change, with its own ledger entry.
+    /// `replay` is set when the message carries replay headers (`dlq replay`
+    /// sets them): if they name a dead letter the ledger stored, the replay is a
+    /// new attempt at the change under that dead letter's own ledger entry;
+    /// otherwise they are ignored and the message is a plain copy of its job.
     pub async fn process(
         &self,
         body: &[u8],
         parsed: Result<Job, Malformed>,
-        replay_id: Option<&str>,
+        replay: Option<&ReplayClaim>,
         stopping: &CancellationToken,
     ) -> Outcome {
         match parsed {
@@ -166,11 +175,19 @@ impl Pipeline {
                 malformed_outcome(body, malformed)
             }
             Ok(mut job) => {
-                if let Some(replay_id) = replay_id {
-                    job.ledger_key = job.id.replayed(replay_id);
-                }
                 let span = tracing::info_span!("job", job_id = %job.id, vendor = %job.vendor, attempt = tracing::field::Empty);
-                self.process_job(job, stopping).instrument(span).await
+                async {
+                    if let Some(claim) = replay {
+                        match self.verified_replay(&job, body, claim, stopping).await {
+                            Ok(Some(outcome)) => job.replay_as(outcome),
+                            Ok(None) => {}
+                            Err(_) => return Outcome::HandBack,
+                        }
+                    }
+                    self.process_job(job, stopping).await
+                }
+                .instrument(span)
+                .await
             }
         }
     }
@@ -425,6 +442,8 @@ fn finished(state: &JobState) -> Outcome {
             error_message: first.message.clone(),
             attempts: result.attempts,
             job_id: Some(result.job_id.clone()),
+            outcome_id: Some(OutcomeId::new()),
+            run_replay_id: state.job.replay.clone(),
         })
     });
     let level_failed = result.status != JobStatus::Succeeded;
@@ -467,6 +486,8 @@ fn malformed_outcome(body: &[u8], malformed: Malformed) -> Outcome {
             error_message: error.message,
             attempts: 0,
             job_id: malformed.job_id.map(|id| id.to_string()),
+            outcome_id: None,
+            run_replay_id: None,
         }),
     }
 }
