@@ -10,7 +10,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::{Entry, LedgerError};
+use super::{Entry, LedgerError, Stored};
 use crate::job::JobId;
 
 /// Key prefix, so the ledger can share a Redis database with other data.
@@ -68,22 +68,19 @@ impl RedisLedger {
     pub(super) async fn update<T>(
         &self,
         job: &JobId,
-        mut change: impl FnMut(Option<Entry>) -> (T, Option<Entry>),
+        mut change: impl FnMut(Stored) -> (T, Option<Entry>),
     ) -> Result<T, LedgerError> {
         let key = format!("{PREFIX}{}", job.as_str());
         let mut connection = self.connection.clone();
         loop {
             let raw: Option<String> = connection.get(&key).await.map_err(redis_error)?;
-            let current =
-                match &raw {
-                    Some(text) => Some(serde_json::from_str::<Entry>(text).map_err(|e| {
-                        LedgerError::Corrupt {
-                            job_id: job.to_string(),
-                            reason: e.to_string(),
-                        }
-                    })?),
-                    None => None,
-                };
+            // An entry that cannot be decoded is ledger loss, for the decision
+            // to treat as such; the compare-and-set still compares its text.
+            let current = match &raw {
+                Some(text) => serde_json::from_str::<Entry>(text)
+                    .map_or_else(|e| Stored::Unreadable(e.to_string()), Stored::Present),
+                None => Stored::Absent,
+            };
             let (answer, write) = change(current);
             let Some(entry) = write else {
                 return Ok(answer);

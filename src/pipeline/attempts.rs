@@ -11,7 +11,7 @@ use super::state::JobState;
 use super::{Pipeline, Stop};
 use crate::batcher::Batcher;
 use crate::job::{Item, ItemError, VendorKind};
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, Written};
 use crate::metrics::Metrics;
 use crate::retry::{self, Decision};
 use crate::vendor::{ItemOutcome, VendorClient, VendorError};
@@ -86,8 +86,11 @@ impl Pipeline {
                         .checkpoint(&state.job.ledger_key, owner, &in_flight, self.policy.lease)
                         .await
                 }
-                false => Ok(()),
+                false => Ok(Written::Kept),
             };
+            if let Ok(Written::Recreated) = marked {
+                self.metrics.ledger_lost();
+            }
             if let Err(LedgerError::LeaseLost { .. }) = marked {
                 // This delivery stalled past its lease and another one owns the
                 // job now: sending anything could apply a change twice.
@@ -209,15 +212,19 @@ impl Pipeline {
     /// reports the additive items as unknown, which is safe.
     async fn record_progress(&self, state: &JobState, owner: &str) {
         let progress = state.progress(&[]);
-        if let Err(e) = self
+        match self
             .ledger
             .checkpoint(&state.job.ledger_key, owner, &progress, self.policy.lease)
             .await
         {
-            if !matches!(e, LedgerError::LeaseLost { .. }) {
-                self.metrics.ledger_failed(e.to_string());
+            Ok(Written::Kept) => {}
+            Ok(Written::Recreated) => self.metrics.ledger_lost(),
+            Err(e) => {
+                if !matches!(e, LedgerError::LeaseLost { .. }) {
+                    self.metrics.ledger_failed(e.to_string());
+                }
+                warn!(error = %e, "cannot record progress in the ledger; continuing");
             }
-            warn!(error = %e, "cannot record progress in the ledger; continuing");
         }
     }
 
