@@ -462,12 +462,12 @@ impl Pipeline {
             .call(&[&item], self.limiters.get(vendor), &self.metrics)
             .await;
         match probe_verdict(&sent) {
-            Some(true) => {
-                if circuit.succeed() {
-                    info!(%vendor, "{vendor} answers again: resuming its jobs");
-                    self.metrics.circuit(vendor, false);
-                }
+            Some(true) if circuit.succeed() => {
+                info!(%vendor, "{vendor} answers again: resuming its jobs");
+                self.metrics.circuit(vendor, false);
             }
+            // Another job's answer closed the circuit already.
+            Some(true) => {}
             Some(false) => {
                 let reason = sent.err().map(|e| e.to_string()).unwrap_or_default();
                 circuit.trip(reason.clone(), pass);
