@@ -280,9 +280,10 @@ impl Committer {
                 // to treat as such; it is never taken as "not started".
                 let current = match table.get(op.key.as_str()) {
                     Ok(Some(bytes)) => Ok(serde_json::from_slice::<Row>(bytes.value())
-                        .map_or_else(|e| Stored::Unreadable(e.to_string()), |row| {
-                            Stored::Present(row.entry)
-                        })),
+                        .map_or_else(
+                            |e| Stored::Unreadable(e.to_string()),
+                            |row| Stored::Present(row.entry),
+                        )),
                     Ok(None) => Ok(Stored::Absent),
                     Err(e) => Err(self.error(e)),
                 };

@@ -178,6 +178,9 @@ impl Entry {
 }
 
 /// What the store holds for a job, as a `decide_*` function sees it.
+// Built once per ledger operation and consumed by its decision: boxing the
+// entry would cost an allocation on every operation to save stack space.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stored {
     /// No entry: a new job, or one the ledger lost.
@@ -953,11 +956,26 @@ mod tests {
         let unreadable = || Stored::Unreadable("EOF while parsing".to_owned());
         let cases: [(&str, Stored, Evidence, Option<bool>); 6] = [
             ("first sight", Stored::Absent, Evidence::None, Some(false)),
-            ("claimed here recently", Stored::Absent, Evidence::Seen, Some(true)),
+            (
+                "claimed here recently",
+                Stored::Absent,
+                Evidence::Seen,
+                Some(true),
+            ),
             ("held here now", Stored::Absent, Evidence::HeldHere, None),
-            ("unreadable, first sight", unreadable(), Evidence::None, Some(true)),
+            (
+                "unreadable, first sight",
+                unreadable(),
+                Evidence::None,
+                Some(true),
+            ),
             ("unreadable, seen", unreadable(), Evidence::Seen, Some(true)),
-            ("unreadable, held here", unreadable(), Evidence::HeldHere, Some(true)),
+            (
+                "unreadable, held here",
+                unreadable(),
+                Evidence::HeldHere,
+                Some(true),
+            ),
         ];
         for (case, current, evidence, expect_lost) in cases {
             let (claim, write) = decide_claim(current, &request("a", "f1", evidence));
@@ -1004,7 +1022,10 @@ mod tests {
             &request("b", "f2", Evidence::None),
         );
         assert_eq!(claim, Claim::Conflict, "once finished");
-        let (claim, _) = decide_claim(Stored::Present(entry.clone()), &request("b", "f1", Evidence::None));
+        let (claim, _) = decide_claim(
+            Stored::Present(entry.clone()),
+            &request("b", "f1", Evidence::None),
+        );
         assert!(matches!(claim, Claim::Done(_)), "the same body is answered");
         entry.fingerprint = None;
         let (claim, _) = decide_claim(Stored::Present(entry), &request("b", "f2", Evidence::None));

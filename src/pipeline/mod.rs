@@ -171,8 +171,13 @@ impl Pipeline {
                     .unwrap_or_else(|| "unknown".to_owned());
                 self.metrics.job_finished(&vendor, "malformed", 0, 0);
                 self.metrics.dead_lettered("err_job_malformed");
-                self.settle_malformed(malformed_outcome(body, &malformed), &malformed, replay_id, stopping)
-                    .await
+                self.settle_malformed(
+                    malformed_outcome(body, &malformed),
+                    &malformed,
+                    replay_id,
+                    stopping,
+                )
+                .await
             }
             Ok(mut job) => {
                 if let Some(replay_id) = replay_id {
