@@ -681,7 +681,13 @@ async fn replay_names_every_copy_of_a_dead_letter_after_its_stored_outcome() {
     headers.insert("x-outcome-id".into(), text(outcome.as_str()));
     headers.insert("x-run-replay-id".into(), text(run.as_str()));
     for _ in 0..2 {
-        publish_with(&queues.channel, &queues.names.dead, NOT_FOUND_B, headers.clone()).await;
+        publish_with(
+            &queues.channel,
+            &queues.names.dead,
+            NOT_FOUND_B,
+            headers.clone(),
+        )
+        .await;
     }
 
     let run_output = account_worker(&queues.env(), &["dlq", "replay"]).await;
@@ -727,7 +733,12 @@ async fn publish_with(channel: &Channel, queue: &str, body: &[u8], headers: Fiel
 /// leaving them in place (taken unacked on a channel of their own, which is then
 /// closed, so the broker puts them back in order).
 async fn await_dead_letters(app: &TestApp, n: usize) -> Vec<Delivery> {
-    let channel = app.queues.connection.create_channel().await.expect("channel");
+    let channel = app
+        .queues
+        .connection
+        .create_channel()
+        .await
+        .expect("channel");
     let mut consumer = channel
         .basic_consume(
             app.queues.names.dead.as_str().into(),
@@ -814,7 +825,10 @@ async fn two_copies_of_a_dead_letter_replayed_apply_the_change_once() {
         1,
         "numberOfUsers added once"
     );
-    assert_eq!(app.mock.mimecast_account("RC").expect("account").user_count, 5);
+    assert_eq!(
+        app.mock.mimecast_account("RC").expect("account").user_count,
+        5
+    );
     assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
     app.finish().await;
 }
@@ -845,7 +859,11 @@ async fn a_dead_letter_replayed_again_after_a_run_killed_before_its_ack_is_appli
     let again = app.queues.next_result().await;
     assert_eq!(again, first, "the first replay's outcome, published again");
     assert_eq!(app.mock.applied_count(Vendor::Mimecast, "RA"), 1);
-    assert_eq!(app.mock.requests().len(), 2, "the failed call and one replay");
+    assert_eq!(
+        app.mock.requests().len(),
+        2,
+        "the failed call and one replay"
+    );
     assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
     app.finish().await;
 }

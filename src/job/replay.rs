@@ -165,6 +165,9 @@ mod tests {
     fn a_stored_id_that_is_not_valid_does_not_deserialize() {
         assert!(serde_json::from_str::<OutcomeId>("\"no spaces\"").is_err());
         let id: OutcomeId = serde_json::from_str("\"abc-123\"").expect("valid");
-        assert_eq!(serde_json::to_string(&id).expect("serialize"), "\"abc-123\"");
+        assert_eq!(
+            serde_json::to_string(&id).expect("serialize"),
+            "\"abc-123\""
+        );
     }
 }

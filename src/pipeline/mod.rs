@@ -13,17 +13,21 @@ use crate::circuit::Circuits;
 use crate::job::{
     FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, OutcomeId, ReplayClaim, ResultMeta,
 };
-use crate::ledger::{Claim, Finished, Ledger, Progress, StoredDeadLetter};
+use crate::ledger::{
+    Claim, Finished, Ledger, LedgerError, MalformedAnswer, Progress, StoredDeadLetter, Written,
+};
 use crate::limiter::Limiters;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
 mod attempts;
+mod evidence;
 mod lease;
 mod replay;
 mod state;
 
+use evidence::Seen;
 use lease::LeaseKeeper;
 use state::JobState;
 
@@ -101,6 +105,9 @@ pub struct Pipeline {
     /// vendor call. Storing the outcome, publishing and acking happen outside
     /// a slot, overlapping with the next job's call; the prefetch bounds those.
     slots: Semaphore,
+    /// The jobs this process holds or claimed recently: an absent ledger entry
+    /// of one of them is ledger loss, not a new job.
+    seen: Seen,
 }
 
 /// The batching task of each vendor that has one (`MIMECAST_BATCH_MAX` > 1).
@@ -136,6 +143,7 @@ impl Pipeline {
     ) -> Self {
         Self {
             slots: Semaphore::new(concurrency),
+            seen: Seen::default(),
             leases: LeaseKeeper::start(ledger.clone(), policy.lease),
             vendors,
             limiters,
@@ -172,7 +180,8 @@ impl Pipeline {
                     .unwrap_or_else(|| "unknown".to_owned());
                 self.metrics.job_finished(&vendor, "malformed", 0, 0);
                 self.metrics.dead_lettered("err_job_malformed");
-                malformed_outcome(body, malformed)
+                self.settle_malformed(malformed_outcome(body, &malformed), &malformed, stopping)
+                    .await
             }
             Ok(mut job) => {
                 let span = tracing::info_span!("job", job_id = %job.id, vendor = %job.vendor, attempt = tracing::field::Empty);
@@ -184,7 +193,7 @@ impl Pipeline {
                             Err(_) => return Outcome::HandBack,
                         }
                     }
-                    self.process_job(job, stopping).await
+                    self.process_job(job, body, stopping).await
                 }
                 .instrument(span)
                 .await
@@ -192,7 +201,69 @@ impl Pipeline {
         }
     }
 
-    async fn process_job(&self, job: Job, stopping: &CancellationToken) -> Outcome {
+    /// A malformed message with a readable `jobId` is that job's answer only if
+    /// the job has none yet: a finished job's stored outcome is published again
+    /// and the body only dead-lettered, a copy being processed elsewhere keeps
+    /// its own outcome, and a first-seen failure is stored so that every later
+    /// copy gets the same answer. One `jobId`, one answer.
+    async fn settle_malformed(
+        &self,
+        outcome: Outcome,
+        malformed: &Malformed,
+        stopping: &CancellationToken,
+    ) -> Outcome {
+        let Some(job_id) = malformed.job_id.as_ref() else {
+            return outcome;
+        };
+        let Outcome::Finished {
+            result: Some(result),
+            dead_letter,
+        } = outcome
+        else {
+            return outcome;
+        };
+        // A malformed replay is a copy of its job like any other: it has no
+        // change to attempt again, so it is keyed by the jobId alone.
+        let key = job_id.clone();
+        let failure = Finished {
+            result: result.clone(),
+            dead_letter: dead_letter.as_ref().map(StoredDeadLetter::from_letter),
+        };
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.ledger.settle_malformed(&key, &failure).await {
+                Ok(answer) => {
+                    self.metrics.ledger_ok();
+                    let result = match answer {
+                        MalformedAnswer::Stored => Some(result),
+                        MalformedAnswer::Finished(stored) => {
+                            info!(job_id = %job_id, "malformed copy of a finished job: publishing its stored outcome again and dead-lettering the copy");
+                            Some(stored.result)
+                        }
+                        MalformedAnswer::Pending => {
+                            info!(job_id = %job_id, "malformed copy of a job in progress: dead-lettering the copy; the job's own outcome is its answer");
+                            None
+                        }
+                    };
+                    return Outcome::Finished {
+                        result,
+                        dead_letter,
+                    };
+                }
+                Err(e) => {
+                    self.metrics.ledger_failed(e.to_string());
+                    error!(error = %e, job_id = %job_id, "ledger unavailable; the malformed job waits");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopping.cancelled() => return Outcome::HandBack,
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn process_job(&self, job: Job, body: &[u8], stopping: &CancellationToken) -> Outcome {
         let slot = tokio::select! {
             biased;
             _ = stopping.cancelled() => None,
@@ -207,12 +278,14 @@ impl Pipeline {
             progress,
             deliveries,
             marked: premarked,
+            lost,
         } = match self
             .claim(&job, &owner, first_marker.as_ref(), stopping)
             .await
         {
             Err(_) => return Outcome::HandBack,
-            Ok(Err(finished)) => {
+            Ok(Claimed::Conflict) => return self.conflict(&job, body),
+            Ok(Claimed::Done(finished)) => {
                 info!("already finished: publishing its stored outcome again without calling the vendor");
                 self.metrics.ledger_duplicate();
                 let dead_letter = finished
@@ -224,10 +297,16 @@ impl Pipeline {
                     dead_letter,
                 };
             }
-            Ok(Ok(owned)) => owned,
+            Ok(Claimed::Owned(owned)) => owned,
         };
+        // Until this job's outcome is stored or it is handed back, and a while
+        // after: an absent entry of it is then ledger loss, not a new job.
+        let _seen = self.seen.hold(&job.ledger_key);
+        if lost {
+            self.metrics.ledger_lost();
+        }
         let resumed = !progress.in_flight.is_empty() || progress.attempts > 0;
-        let mut state = JobState::resume(job, progress);
+        let mut state = JobState::resume(job, progress, lost);
         if resumed {
             warn!(
                 deliveries,
@@ -322,6 +401,29 @@ impl Pipeline {
         outcome
     }
 
+    /// A known `jobId` arrived with a different body: nothing is sent, and no
+    /// second result is published (the stored or coming outcome of the body the
+    /// ledger accepted is the job's one answer); the copy is dead-lettered.
+    fn conflict(&self, job: &Job, body: &[u8]) -> Outcome {
+        warn!("a copy of this jobId with a different body: dead-lettered as err_job_conflict, nothing sent");
+        self.metrics.dead_lettered("err_job_conflict");
+        Outcome::Finished {
+            result: None,
+            dead_letter: Some(DeadLetter {
+                body: body.to_vec(),
+                error_code: "err_job_conflict".to_owned(),
+                error_message: format!(
+                    "jobId {} is already known with a different body (vendor or data differ); nothing was sent and the first body's outcome stands: send a different change under a new jobId",
+                    job.id
+                ),
+                attempts: 0,
+                job_id: Some(job.id.to_string()),
+                outcome_id: None,
+                run_replay_id: None,
+            }),
+        }
+    }
+
     /// Stores the outcome, retrying a failing ledger briefly; returns the outcome
     /// to publish (an earlier stored one wins), or `None` to hand the job back.
     async fn store_outcome(
@@ -332,11 +434,14 @@ impl Pipeline {
     ) -> Option<Finished> {
         for wait_ms in [100, 500, 2000, 0] {
             match self.ledger.finish(key, owner, outcome).await {
-                Ok(kept) => {
+                Ok((kept, written)) => {
                     self.metrics.ledger_ok();
+                    if written == Written::Recreated {
+                        self.metrics.ledger_lost();
+                    }
                     return Some(kept);
                 }
-                Err(e @ crate::ledger::LedgerError::LeaseLost { .. }) => {
+                Err(e @ LedgerError::LeaseLost { .. }) => {
                     warn!(error = %e, "not publishing: another delivery owns the job");
                     return None;
                 }
@@ -384,12 +489,22 @@ impl Pipeline {
         owner: &str,
         first_marker: Option<&Progress>,
         stopping: &CancellationToken,
-    ) -> Result<Result<Owned, Box<Finished>>, Stop> {
+    ) -> Result<Claimed, Stop> {
         let mut wait = Duration::from_millis(50);
         loop {
+            // Read again every try: a delivery of this process holding the job
+            // may have finished meanwhile.
+            let evidence = self.seen.evidence(&job.ledger_key);
             let claimed = self
                 .ledger
-                .claim(&job.ledger_key, owner, self.policy.lease, first_marker)
+                .claim_job(
+                    &job.ledger_key,
+                    owner,
+                    self.policy.lease,
+                    first_marker,
+                    Some(&job.fingerprint),
+                    evidence,
+                )
                 .await;
             if claimed.is_ok() {
                 self.metrics.ledger_ok();
@@ -402,14 +517,17 @@ impl Pipeline {
                     progress,
                     deliveries,
                     marked,
+                    lost,
                 }) => {
-                    return Ok(Ok(Owned {
+                    return Ok(Claimed::Owned(Owned {
                         progress,
                         deliveries,
                         marked,
+                        lost,
                     }))
                 }
-                Ok(Claim::Done(finished)) => return Ok(Err(finished)),
+                Ok(Claim::Done(finished)) => return Ok(Claimed::Done(finished)),
+                Ok(Claim::Conflict) => return Ok(Claimed::Conflict),
                 Err(e) => {
                     self.metrics.ledger_failed(e.to_string());
                     error!(error = %e, "ledger unavailable; the job waits");
@@ -430,6 +548,18 @@ struct Owned {
     deliveries: u32,
     /// The claim stored the first call's in-flight marker.
     marked: bool,
+    /// The ledger had lost the job's entry.
+    lost: bool,
+}
+
+/// How a claim ended.
+enum Claimed {
+    /// This delivery owns the job.
+    Owned(Owned),
+    /// The job is finished: its stored outcome.
+    Done(Box<Finished>),
+    /// The `jobId` is known with a different body.
+    Conflict,
 }
 
 fn finished(state: &JobState) -> Outcome {
@@ -463,7 +593,7 @@ fn finished(state: &JobState) -> Outcome {
     }
 }
 
-fn malformed_outcome(body: &[u8], malformed: Malformed) -> Outcome {
+fn malformed_outcome(body: &[u8], malformed: &Malformed) -> Outcome {
     warn!(job_id = malformed.job_id.as_ref().map(|id| id.as_str()), reason = %malformed.reason, "malformed job dead-lettered");
     let error = ItemError::permanent("err_job_malformed", malformed.reason.clone());
     let result = malformed.job_id.as_ref().map(|id| JobResult {
@@ -485,7 +615,7 @@ fn malformed_outcome(body: &[u8], malformed: Malformed) -> Outcome {
             error_code: error.code,
             error_message: error.message,
             attempts: 0,
-            job_id: malformed.job_id.map(|id| id.to_string()),
+            job_id: malformed.job_id.as_ref().map(|id| id.to_string()),
             outcome_id: None,
             run_replay_id: None,
         }),

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use super::{Pipeline, Stop};
 use crate::job::{Job, JobId, OutcomeId, ReplayClaim};
-use crate::ledger::{Entry, LedgerError, StoredDeadLetter};
+use crate::ledger::{Entry, LedgerError, Stored, StoredDeadLetter};
 
 /// Why the ledger does not vouch for a replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,9 +140,20 @@ impl Pipeline {
         let mut wait = Duration::from_millis(50);
         loop {
             match self.ledger.get(key).await {
-                Ok(entry) => {
+                Ok(Stored::Present(entry)) => {
                     self.metrics.ledger_ok();
-                    return Ok(Ok(entry));
+                    return Ok(Ok(Some(entry)));
+                }
+                Ok(Stored::Absent) => {
+                    self.metrics.ledger_ok();
+                    return Ok(Ok(None));
+                }
+                Ok(Stored::Unreadable(reason)) => {
+                    self.metrics.ledger_ok();
+                    return Ok(Err(LedgerError::Corrupt {
+                        job_id: key.to_string(),
+                        reason,
+                    }));
                 }
                 Err(e @ LedgerError::Corrupt { .. }) => return Ok(Err(e)),
                 Err(e) => {
@@ -165,7 +176,8 @@ mod tests {
     use crate::job::{JobResult, JobStatus, ResultMeta};
     use crate::ledger::{Finished, Progress};
 
-    const BODY: &str = r#"{"jobId":"j-1","vendor":"mimecast","data":[{"accountCode":"A","numberOfUsers":5}]}"#;
+    const BODY: &str =
+        r#"{"jobId":"j-1","vendor":"mimecast","data":[{"accountCode":"A","numberOfUsers":5}]}"#;
 
     fn job_id() -> JobId {
         JobId::parse("j-1").expect("valid")
@@ -200,6 +212,9 @@ mod tests {
                 },
                 dead_letter,
             }),
+            fingerprint: None,
+            granted: None,
+            lost: false,
         }
     }
 
@@ -226,7 +241,10 @@ mod tests {
     #[test]
     fn a_replay_id_on_a_job_without_a_dead_letter_or_not_finished_is_refused() {
         let id = OutcomeId::new();
-        for origin in [entry(None, true), entry(Some(stored(Some(id.clone()))), false)] {
+        for origin in [
+            entry(None, true),
+            entry(Some(stored(Some(id.clone()))), false),
+        ] {
             assert!(matches!(
                 check_origin(&id, &job_id(), BODY.as_bytes(), Some(&origin)),
                 Err(Refusal::Mismatch(_))
