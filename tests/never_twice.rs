@@ -142,11 +142,12 @@ async fn a_claim_retried_after_a_lost_reply_is_not_counted_as_a_second_delivery(
     assert_eq!(other, Claim::Busy);
 }
 
-/// An item nested just under the parser's depth limit, invalid because its
+/// An item nested as deep as the parser accepts (a level more and the job is
+/// malformed), invalid because its
 /// count is not a number.
 fn deeply_nested_item(account: &str) -> Value {
     let mut nested = json!(1);
-    for _ in 0..120 {
+    for _ in 0..124 {
         nested = json!([nested]);
     }
     json!({"accountCode": account, "numberOfUsers": nested})
