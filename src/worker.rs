@@ -411,8 +411,12 @@ pub fn prefetch(concurrency: usize) -> u16 {
 }
 
 /// How long a session must have consumed for its loss to count as a new
-/// outage rather than the same one going on.
-const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// outage rather than the same one going on. Long enough that a broker which
+/// cancels the consumer at once is retried with a growing wait, short enough
+/// that a broker closing working sessions every few seconds (a rolling
+/// restart, a load balancer's idle cut) is rejoined at once each time instead
+/// of after up to 30 s (the soak closes every connection every 5 s).
+const STABLE_SESSION: Duration = Duration::from_secs(3);
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()

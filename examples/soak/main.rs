@@ -125,7 +125,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let user = url::Url::parse(&args.amqp)
         .map(|u| u.username().to_owned())
         .context("--amqp is not a URL")?;
-    let user = if user.is_empty() { "guest".to_owned() } else { user };
+    let user = if user.is_empty() {
+        "guest".to_owned()
+    } else {
+        user
+    };
     let amqp_url = format!("{}/{vhost}", args.amqp.trim_end_matches('/'));
     let workers_count = if args.fleet { 2 } else { 1 };
     println!(
@@ -188,11 +192,17 @@ async fn soak(
     let mut fleet = Vec::new();
     for i in 0..if args.fleet { 2 } else { 1 } {
         let env = worker_env(args, &mock, amqp_url, &names.jobs, dir, i);
-        fleet.push(WorkerProcess::start(bin, env, dir.join(format!("worker-{i}.log")))?);
+        fleet.push(WorkerProcess::start(
+            bin,
+            env,
+            dir.join(format!("worker-{i}.log")),
+        )?);
     }
 
     let mut rng = StdRng::seed_from_u64(seed);
-    let jobs: Vec<_> = (0..args.jobs).map(|n| jobs::plan(run_id, n, &mut rng)).collect();
+    let jobs: Vec<_> = (0..args.jobs)
+        .map(|n| jobs::plan(run_id, n, &mut rng))
+        .collect();
     let mut order = Vec::with_capacity(args.jobs + args.jobs / 50);
     for i in 0..jobs.len() {
         order.push(i);
@@ -241,11 +251,17 @@ async fn soak(
         if !killed && answered >= kill_after {
             fleet[0].kill_and_restart().await?;
             lock(&chaos).killed_at = Some(started.elapsed());
-            println!("  {:>6.1}s SIGKILLed worker 0 at {answered} jobs answered, restarted it", started.elapsed().as_secs_f64());
+            println!(
+                "  {:>6.1}s SIGKILLed worker 0 at {answered} jobs answered, restarted it",
+                started.elapsed().as_secs_f64()
+            );
         }
         for (i, worker) in fleet.iter_mut().enumerate() {
             if let Some(status) = worker.exited() {
-                let note = format!("worker {i} exited by itself ({status}) at {:.1}s", started.elapsed().as_secs_f64());
+                let note = format!(
+                    "worker {i} exited by itself ({status}) at {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
                 println!("  {note}; restarting it");
                 lock(&chaos).unexpected_exits.push(note);
                 worker.kill_and_restart().await?;
@@ -267,7 +283,10 @@ async fn soak(
             break;
         }
         if started.elapsed() >= timeout {
-            println!("  timed out after {timeout:?} with {answered}/{} jobs answered", jobs.len());
+            println!(
+                "  timed out after {timeout:?} with {answered}/{} jobs answered",
+                jobs.len()
+            );
             break;
         }
     }
@@ -276,7 +295,8 @@ async fn soak(
 
     // Quiescence: nothing ready or unacked anywhere, twice in a row, so late
     // copies (redeliveries, producer retries) are answered and read too.
-    let quiet_deadline = Instant::now() + Duration::from_secs(120).max(timeout.saturating_sub(started.elapsed()));
+    let quiet_deadline =
+        Instant::now() + Duration::from_secs(120).max(timeout.saturating_sub(started.elapsed()));
     let mut quiet_polls = 0;
     let mut last_counts = HashMap::new();
     while quiet_polls < 2 && Instant::now() < quiet_deadline {
@@ -293,13 +313,18 @@ async fn soak(
     let mut exits = Vec::new();
     for (i, worker) in fleet.into_iter().enumerate() {
         let status = worker.stop(Duration::from_secs(30)).await;
-        exits.push(format!("worker {i}: {}", status.map_or("killed after 30 s".to_owned(), |s| s.to_string())));
+        exits.push(format!(
+            "worker {i}: {}",
+            status.map_or("killed after 30 s".to_owned(), |s| s.to_string())
+        ));
     }
     let _ = connection.close(200, "soak done".into()).await;
     collector.abort();
 
     let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
-    let figures = tally::figures(&jobs, &seen, |vendor, account| mock.applied_count(vendor, account));
+    let figures = tally::figures(&jobs, &seen, |vendor, account| {
+        mock.applied_count(vendor, account)
+    });
     let chaos = lock(&chaos);
     let summary = report::Summary {
         jobs: jobs.len(),
@@ -329,7 +354,12 @@ fn lock(chaos: &Mutex<Chaos>) -> std::sync::MutexGuard<'_, Chaos> {
 }
 
 /// Closes every worker connection each `every`, until `stop`.
-async fn close_on_schedule(vhost: String, every: Duration, chaos: Arc<Mutex<Chaos>>, stop: CancellationToken) {
+async fn close_on_schedule(
+    vhost: String,
+    every: Duration,
+    chaos: Arc<Mutex<Chaos>>,
+    stop: CancellationToken,
+) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
@@ -366,21 +396,45 @@ fn worker_env(
         ("JOBS_QUEUE", queue.to_owned()),
         ("WORKER_CONCURRENCY", args.concurrency.to_string()),
         ("MIMECAST_BASE_URL", mock.base_url()),
-        ("MIMECAST_ACCESS_KEY", mock_vendor::DEMO_MIMECAST_ACCESS_KEY.to_owned()),
-        ("MIMECAST_SECRET_KEY", mock_vendor::DEMO_MIMECAST_SECRET_KEY_B64.to_owned()),
-        ("MIMECAST_APP_ID", mock_vendor::DEMO_MIMECAST_APP_ID.to_owned()),
-        ("MIMECAST_APP_KEY", mock_vendor::DEMO_MIMECAST_APP_KEY.to_owned()),
+        (
+            "MIMECAST_ACCESS_KEY",
+            mock_vendor::DEMO_MIMECAST_ACCESS_KEY.to_owned(),
+        ),
+        (
+            "MIMECAST_SECRET_KEY",
+            mock_vendor::DEMO_MIMECAST_SECRET_KEY_B64.to_owned(),
+        ),
+        (
+            "MIMECAST_APP_ID",
+            mock_vendor::DEMO_MIMECAST_APP_ID.to_owned(),
+        ),
+        (
+            "MIMECAST_APP_KEY",
+            mock_vendor::DEMO_MIMECAST_APP_KEY.to_owned(),
+        ),
         ("PNCP_BASE_URL", mock.pncp_base_url()),
-        ("PNCP_APPLICATION_KEY", mock_vendor::DEMO_PNCP_APPLICATION_KEY.to_owned()),
-        ("PNCP_SHARED_SECRET", mock_vendor::DEMO_PNCP_SHARED_SECRET.to_owned()),
+        (
+            "PNCP_APPLICATION_KEY",
+            mock_vendor::DEMO_PNCP_APPLICATION_KEY.to_owned(),
+        ),
+        (
+            "PNCP_SHARED_SECRET",
+            mock_vendor::DEMO_PNCP_SHARED_SECRET.to_owned(),
+        ),
         ("RETRY_INITIAL_DELAY", "50ms".to_owned()),
         ("RETRY_MAX_DELAY", "1s".to_owned()),
-        ("VENDOR_TIMEOUT", humantime::format_duration(args.vendor_timeout).to_string()),
+        (
+            "VENDOR_TIMEOUT",
+            humantime::format_duration(args.vendor_timeout).to_string(),
+        ),
         ("SHUTDOWN_TIMEOUT", "10s".to_owned()),
         ("LEDGER_URL", ledger),
         // A fleet run leaves nothing in its Redis database for long.
         ("LEDGER_RETENTION", "1h".to_owned()),
-        ("RATE_LIMIT_SCOPE", if args.fleet { "fleet" } else { "process" }.to_owned()),
+        (
+            "RATE_LIMIT_SCOPE",
+            if args.fleet { "fleet" } else { "process" }.to_owned(),
+        ),
         ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
         ("RUST_LOG", "info".to_owned()),
     ];

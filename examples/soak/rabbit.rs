@@ -55,16 +55,31 @@ pub async fn delete_vhost(vhost: &str) -> anyhow::Result<()> {
 
 /// Closes every connection in `vhost` except the soak's own; returns how many.
 pub async fn close_worker_connections(vhost: &str) -> anyhow::Result<usize> {
-    let listing = rabbitmqctl(&["list_connections", "-p", vhost, "pid", "name", "--silent"]).await?;
+    // The name a client gives its connection shows only in its client
+    // properties (`name` is the peer address pair).
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "-p",
+        vhost,
+        "pid",
+        "client_properties",
+        "--silent",
+    ])
+    .await?;
     let mut closed = 0;
     for line in listing.lines() {
-        let Some((pid, name)) = line.split_once('\t') else {
+        let Some((pid, properties)) = line.split_once('\t') else {
             continue;
         };
-        if name.trim() == DRIVER_CONNECTION {
+        if properties.contains(DRIVER_CONNECTION) {
             continue;
         }
-        rabbitmqctl(&["close_connection", pid.trim(), "soak: scheduled connection close"]).await?;
+        rabbitmqctl(&[
+            "close_connection",
+            pid.trim(),
+            "soak: scheduled connection close",
+        ])
+        .await?;
         closed += 1;
     }
     Ok(closed)
@@ -99,9 +114,16 @@ pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(DRIVER_CONNECTION.into());
     let connection = Connection::connect(url, properties)
         .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", account_worker::config::redact_url(url)))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to RabbitMQ at {}",
+                account_worker::config::redact_url(url)
+            )
+        })?;
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok((connection, channel))
 }
 
@@ -119,7 +141,13 @@ pub async fn publish(
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
         let confirm = channel
-            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &job.body, properties)
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &job.body,
+                properties,
+            )
             .await
             .context("publishing a soak job")?;
         pending.push(confirm);
@@ -144,13 +172,27 @@ async fn settle(pending: &mut Vec<lapin::PublisherConfirm>) -> anyhow::Result<()
 
 /// Consumes results and dead letters into `seen` until the connection ends;
 /// each message is recorded before it is acked.
-pub async fn collect(channel: Channel, names: QueueNames, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
+pub async fn collect(
+    channel: Channel,
+    names: QueueNames,
+    seen: Arc<Mutex<Seen>>,
+) -> anyhow::Result<()> {
     let options = BasicConsumeOptions::default();
     let mut results = channel
-        .basic_consume(names.results.as_str().into(), "".into(), options, FieldTable::default())
+        .basic_consume(
+            names.results.as_str().into(),
+            "".into(),
+            options,
+            FieldTable::default(),
+        )
         .await?;
     let mut dead = channel
-        .basic_consume(names.dead.as_str().into(), "".into(), options, FieldTable::default())
+        .basic_consume(
+            names.dead.as_str().into(),
+            "".into(),
+            options,
+            FieldTable::default(),
+        )
         .await?;
     loop {
         let (delivery, is_result) = tokio::select! {
@@ -159,7 +201,9 @@ pub async fn collect(channel: Channel, names: QueueNames, seen: Arc<Mutex<Seen>>
             else => return Ok(()),
         };
         {
-            let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut seen = seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if is_result {
                 record_result(&mut seen, &delivery.data);
             } else {

@@ -193,7 +193,8 @@ fn check_result(
                 f.unknown_applied += usize::from(count > 0);
             }
         } else if count > 0 && first {
-            f.failed_but_applied.push(format!("{} ({code})", item.account));
+            f.failed_but_applied
+                .push(format!("{} ({code})", item.account));
         }
     }
     if first {
@@ -236,9 +237,12 @@ mod tests {
     fn a_clean_run_keeps_every_promise_and_counts_identical_copies_as_duplicates() {
         let jobs = [job("j1", &[("A", true)]), job("j2", &[("B", false)])];
         let mut seen = Seen::default();
+        seen.results.insert(
+            "j1".into(),
+            vec![succeeded("j1", &["A"]), succeeded("j1", &["A"])],
+        );
         seen.results
-            .insert("j1".into(), vec![succeeded("j1", &["A"]), succeeded("j1", &["A"])]);
-        seen.results.insert("j2".into(), vec![succeeded("j2", &["B"])]);
+            .insert("j2".into(), vec![succeeded("j2", &["B"])]);
         let f = figures(&jobs, &seen, counts(&[("A", 1), ("B", 2)]));
         assert!(f.promises_hold(), "{f:?}");
         assert_eq!((f.duplicates, f.idempotent_reapplied), (1, 1));
@@ -254,12 +258,16 @@ mod tests {
             job("phantom", &[("P", false)]),
         ];
         let mut seen = Seen::default();
-        seen.results.insert("twice".into(), vec![succeeded("twice", &["T"])]);
+        seen.results
+            .insert("twice".into(), vec![succeeded("twice", &["T"])]);
         let unknown = json!({"jobId": "conflict", "status": "failed", "data": [],
             "fail": [{"key": {"accountCode": "C"}, "errors": [{"code": "err_outcome_unknown"}]}]});
+        seen.results.insert(
+            "conflict".into(),
+            vec![succeeded("conflict", &["C"]), unknown],
+        );
         seen.results
-            .insert("conflict".into(), vec![succeeded("conflict", &["C"]), unknown]);
-        seen.results.insert("phantom".into(), vec![succeeded("phantom", &["P"])]);
+            .insert("phantom".into(), vec![succeeded("phantom", &["P"])]);
         let f = figures(&jobs, &seen, counts(&[("T", 2), ("C", 1)]));
         assert_eq!(f.lost, ["lost"]);
         assert_eq!(f.applied_twice, ["T"]);
@@ -270,14 +278,18 @@ mod tests {
 
     #[test]
     fn unknown_outcomes_and_dead_letter_only_jobs_are_counted_not_failed() {
-        let jobs = [job("u", &[("U", true), ("V", true)]), job("d", &[("D", true)])];
+        let jobs = [
+            job("u", &[("U", true), ("V", true)]),
+            job("d", &[("D", true)]),
+        ];
         let mut seen = Seen::default();
         let result = json!({"jobId": "u", "status": "failed", "data": [], "fail": [
             {"key": {"accountCode": "U"}, "errors": [{"code": "err_outcome_unknown"}]},
             {"key": {"accountCode": "V"}, "errors": [{"code": "err_outcome_unknown"}]},
         ]});
         seen.results.insert("u".into(), vec![result]);
-        seen.dead.insert("d".into(), vec!["err_poison_message".into()]);
+        seen.dead
+            .insert("d".into(), vec!["err_poison_message".into()]);
         let f = figures(&jobs, &seen, counts(&[("U", 1)]));
         assert!(f.promises_hold(), "{f:?}");
         assert_eq!((f.unknown, f.unknown_applied), (2, 1));

@@ -48,7 +48,11 @@ impl WorkerProcess {
     /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL; the exit status.
     pub async fn stop(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
         }
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status.ok(),
@@ -78,5 +82,10 @@ fn spawn(bin: &Path, env: &HashMap<String, String>, log: &Path) -> anyhow::Resul
         .stderr(err)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {} run; build it first (scripts/soak does)", bin.display()))
+        .with_context(|| {
+            format!(
+                "cannot start {} run; build it first (scripts/soak does)",
+                bin.display()
+            )
+        })
 }
