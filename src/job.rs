@@ -10,7 +10,13 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod replay;
 mod validate;
+
+pub use replay::{
+    OutcomeId, ReplayClaim, OUTCOME_ID_HEADER, REPLAY_ID_HEADER, REPLAY_ORIGIN_HEADER,
+    RUN_REPLAY_ID_HEADER,
+};
 
 /// Largest message body accepted; a real job of 100 items is far below it.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -70,10 +76,13 @@ impl JobId {
         Ok(Self(value.to_owned()))
     }
 
-    /// The ledger key of a replay of this job: a replayed dead letter is a new
-    /// attempt at the change, so it must not find the original's outcome.
-    pub fn replayed(&self, replay_id: &str) -> Self {
-        Self(format!("{}#replay:{replay_id}", self.0))
+    /// The ledger key of the replay of this job's dead letter whose stored outcome
+    /// is `outcome`: a new attempt at the change, so it must not find the failed
+    /// outcome, and one key per dead letter, so every copy of it and every run of
+    /// `dlq replay` over it finds the first replay's outcome instead of applying
+    /// the change again.
+    pub fn replayed(&self, outcome: &OutcomeId) -> Self {
+        Self(format!("{}#replay:{outcome}", self.0))
     }
 
     /// The id as text.
@@ -124,6 +133,10 @@ pub struct Job {
     /// The key of this job in the idempotency ledger: the id, or the id and a
     /// replay id when an operator replayed it from the dead-letter queue.
     pub ledger_key: JobId,
+    /// The replay id this run is under, when it replays a verified dead letter:
+    /// its own dead letters say so (`x-run-replay-id`), so they can be replayed
+    /// in turn.
+    pub replay: Option<OutcomeId>,
     /// Which vendor the items go to.
     pub vendor: VendorKind,
     /// Items that passed validation, in order.
@@ -135,6 +148,14 @@ pub struct Job {
     /// a different body under a known `jobId` is a conflict, never resumed onto
     /// another item's progress.
     pub fingerprint: String,
+}
+
+impl Job {
+    /// Runs this job as the replay of the dead letter whose outcome id is `outcome`.
+    pub fn replay_as(&mut self, outcome: OutcomeId) {
+        self.ledger_key = self.id.replayed(&outcome);
+        self.replay = Some(outcome);
+    }
 }
 
 /// A message that is not a job at all; it is dead-lettered byte for byte.

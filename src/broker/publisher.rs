@@ -6,7 +6,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 use super::BrokerError;
 use crate::config::QueueNames;
-use crate::job::JobResult;
+use crate::job::{JobResult, OUTCOME_ID_HEADER, RUN_REPLAY_ID_HEADER};
 use crate::pipeline::DeadLetter;
 
 /// Publishes on a confirm channel: a publish returns only once the broker has
@@ -51,6 +51,15 @@ impl Publisher {
             AMQPValue::LongLongInt(i64::from(letter.attempts)),
         );
         let mut properties = BasicProperties::default().with_delivery_mode(2);
+        // Outcome ids are short printable tokens (`OutcomeId`), so they need no
+        // bounding. Every copy of a dead letter carries the same ones: they key
+        // its replay.
+        if let Some(outcome_id) = &letter.outcome_id {
+            headers.insert(OUTCOME_ID_HEADER.into(), text(outcome_id.as_str()));
+        }
+        if let Some(run) = &letter.run_replay_id {
+            headers.insert(RUN_REPLAY_ID_HEADER.into(), text(run.as_str()));
+        }
         if let Some(job_id) = &letter.job_id {
             headers.insert("x-job-id".into(), text(job_id));
             properties = properties.with_correlation_id(ShortString::from(job_id.as_str()));

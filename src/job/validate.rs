@@ -123,6 +123,7 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
     Ok(Job {
         fingerprint: fingerprint(vendor.as_str(), data),
         ledger_key: job_id.clone(),
+        replay: None,
         id: job_id,
         vendor,
         items,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{LedgerLocation, LedgerSettings};
-use crate::job::{FailEntry, JobId, JobResult};
+use crate::job::{FailEntry, JobId, JobResult, OutcomeId};
 use crate::pipeline::DeadLetter;
 
 mod file;
@@ -90,6 +90,15 @@ pub struct StoredDeadLetter {
     pub error_message: String,
     /// `x-attempts`.
     pub attempts: u32,
+    /// `x-outcome-id`: what its replay is keyed by. `None` in entries stored
+    /// before outcome ids existed; their replays are keyed by the dead letter's
+    /// content instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome_id: Option<OutcomeId>,
+    /// `x-run-replay-id`: the replay id of the run that stored it, when that run
+    /// was a replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_replay_id: Option<OutcomeId>,
 }
 
 impl StoredDeadLetter {
@@ -100,6 +109,8 @@ impl StoredDeadLetter {
             error_code: letter.error_code.clone(),
             error_message: letter.error_message.clone(),
             attempts: letter.attempts,
+            outcome_id: letter.outcome_id.clone(),
+            run_replay_id: letter.run_replay_id.clone(),
         }
     }
 
@@ -111,6 +122,8 @@ impl StoredDeadLetter {
             error_message: self.error_message.clone(),
             attempts: self.attempts,
             job_id: Some(job_id.to_owned()),
+            outcome_id: self.outcome_id.clone(),
+            run_replay_id: self.run_replay_id.clone(),
         }
     }
 }
@@ -570,6 +583,11 @@ impl Ledger {
             Self::File(l) => l.update(job, change).await,
             Self::Redis(l) => l.update(job, change).await,
         }
+    }
+
+    /// Reads a job's entry without changing it.
+    pub async fn get(&self, job: &JobId) -> Result<Stored, LedgerError> {
+        self.update(job, |current| (current, None)).await
     }
 
     /// Takes the job's lease, or reports that it is finished or held elsewhere.

@@ -10,7 +10,9 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::batcher::Batcher;
 use crate::circuit::Circuits;
-use crate::job::{FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, ResultMeta};
+use crate::job::{
+    FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, OutcomeId, ReplayClaim, ResultMeta,
+};
 use crate::ledger::{
     Claim, Finished, Ledger, LedgerError, MalformedAnswer, Progress, StoredDeadLetter, Written,
 };
@@ -22,6 +24,7 @@ use crate::vendor::Vendors;
 mod attempts;
 mod evidence;
 mod lease;
+mod replay;
 mod state;
 
 use evidence::Seen;
@@ -41,6 +44,11 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// `x-job-id`, where known.
     pub job_id: Option<String>,
+    /// `x-outcome-id`: the stored outcome it belongs to, the same in every copy,
+    /// which keys its replay. `None` for a malformed message (never stored).
+    pub outcome_id: Option<OutcomeId>,
+    /// `x-run-replay-id`: set when the run that produced it was a replay.
+    pub run_replay_id: Option<OutcomeId>,
 }
 
 /// What the broker layer must do with a delivery.
@@ -153,14 +161,15 @@ impl Pipeline {
     /// cancelled when the worker shuts down: a job that has not yet touched the
     /// vendor is then handed back.
     ///
-    /// `replay_id` is set when an operator replayed the message from the
-    /// dead-letter queue (`x-replay-id` header): the replay is then a new attempt
-    /// at the change, with its own ledger entry.
+    /// `replay` is set when the message carries replay headers (`dlq replay`
+    /// sets them): if they name a dead letter the ledger stored, the replay is a
+    /// new attempt at the change under that dead letter's own ledger entry;
+    /// otherwise they are ignored and the message is a plain copy of its job.
     pub async fn process(
         &self,
         body: &[u8],
         parsed: Result<Job, Malformed>,
-        replay_id: Option<&str>,
+        replay: Option<&ReplayClaim>,
         stopping: &CancellationToken,
     ) -> Outcome {
         match parsed {
@@ -171,20 +180,23 @@ impl Pipeline {
                     .unwrap_or_else(|| "unknown".to_owned());
                 self.metrics.job_finished(&vendor, "malformed", 0, 0);
                 self.metrics.dead_lettered("err_job_malformed");
-                self.settle_malformed(
-                    malformed_outcome(body, &malformed),
-                    &malformed,
-                    replay_id,
-                    stopping,
-                )
-                .await
+                self.settle_malformed(malformed_outcome(body, &malformed), &malformed, stopping)
+                    .await
             }
             Ok(mut job) => {
-                if let Some(replay_id) = replay_id {
-                    job.ledger_key = job.id.replayed(replay_id);
-                }
                 let span = tracing::info_span!("job", job_id = %job.id, vendor = %job.vendor, attempt = tracing::field::Empty);
-                self.process_job(job, body, stopping).instrument(span).await
+                async {
+                    if let Some(claim) = replay {
+                        match self.verified_replay(&job, body, claim, stopping).await {
+                            Ok(Some(outcome)) => job.replay_as(outcome),
+                            Ok(None) => {}
+                            Err(_) => return Outcome::HandBack,
+                        }
+                    }
+                    self.process_job(job, body, stopping).await
+                }
+                .instrument(span)
+                .await
             }
         }
     }
@@ -198,7 +210,6 @@ impl Pipeline {
         &self,
         outcome: Outcome,
         malformed: &Malformed,
-        replay_id: Option<&str>,
         stopping: &CancellationToken,
     ) -> Outcome {
         let Some(job_id) = malformed.job_id.as_ref() else {
@@ -211,10 +222,9 @@ impl Pipeline {
         else {
             return outcome;
         };
-        let key = match replay_id {
-            Some(replay_id) => job_id.replayed(replay_id),
-            None => job_id.clone(),
-        };
+        // A malformed replay is a copy of its job like any other: it has no
+        // change to attempt again, so it is keyed by the jobId alone.
+        let key = job_id.clone();
         let failure = Finished {
             result: result.clone(),
             dead_letter: dead_letter.as_ref().map(StoredDeadLetter::from_letter),
@@ -408,6 +418,8 @@ impl Pipeline {
                 ),
                 attempts: 0,
                 job_id: Some(job.id.to_string()),
+                outcome_id: None,
+                run_replay_id: None,
             }),
         }
     }
@@ -560,6 +572,8 @@ fn finished(state: &JobState) -> Outcome {
             error_message: first.message.clone(),
             attempts: result.attempts,
             job_id: Some(result.job_id.clone()),
+            outcome_id: Some(OutcomeId::new()),
+            run_replay_id: state.job.replay.clone(),
         })
     });
     let level_failed = result.status != JobStatus::Succeeded;
@@ -602,6 +616,8 @@ fn malformed_outcome(body: &[u8], malformed: &Malformed) -> Outcome {
             error_message: error.message,
             attempts: 0,
             job_id: malformed.job_id.as_ref().map(|id| id.to_string()),
+            outcome_id: None,
+            run_replay_id: None,
         }),
     }
 }
