@@ -594,9 +594,12 @@ fn required_secret(
     value: &str,
     because: &str,
 ) -> Result<SecretString, ConfigError> {
-    non_empty(value)
-        .map(|v| SecretString::from(v.to_owned()))
-        .ok_or_else(|| invalid(setting, format!("is required when {because} is set")))
+    // Every credential goes into a request header or the signed text of one:
+    // a control character (a pasted line break) would make every call fail in
+    // the client, so it is refused here, without echoing the value.
+    let value = non_empty(value)
+        .ok_or_else(|| invalid(setting, format!("is required when {because} is set")))?;
+    header_safe(setting, value.to_owned()).map(SecretString::from)
 }
 
 fn parse_mimecast(raw: &RawSettings) -> Result<Option<MimecastSettings>, ConfigError> {

@@ -393,7 +393,10 @@ mod tests {
                     .unwrap(),
                 Claim::Busy
             );
-            ledger.finish(&job, "a", &result("j-1")).await.unwrap();
+            ledger
+                .finish(&job, "a", None, &result("j-1"))
+                .await
+                .unwrap();
         }
         let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
         let claim = ledger
@@ -447,7 +450,10 @@ mod tests {
             .claim(&old, "a", Duration::from_secs(30), None)
             .await
             .unwrap();
-        ledger.finish(&old, "a", &result("old")).await.unwrap();
+        ledger
+            .finish(&old, "a", None, &result("old"))
+            .await
+            .unwrap();
         assert_eq!(file.sweep_before(now_ms()).unwrap(), 0);
         assert_eq!(file.sweep_before(now_ms() + 61_000).unwrap(), 1);
         assert!(file.is_empty().unwrap());
