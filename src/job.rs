@@ -12,6 +12,8 @@ use serde_json::{Map, Value};
 
 mod validate;
 
+pub use validate::{MIMECAST_FIELDS, PNCP_FIELDS};
+
 /// Largest message body accepted; a real job of 100 items is far below it.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Most items one job may carry.

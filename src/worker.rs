@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::batcher::Batcher;
-use crate::broker::{self, BrokerError, Publisher};
+use crate::broker::{self, BrokerError, PublishFailures, Publisher};
 use crate::circuit::Circuits;
 use crate::config::Settings;
 use crate::health::Health;
@@ -71,6 +71,9 @@ pub struct Worker {
     circuits: Arc<Circuits>,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
+    /// Finished jobs whose outcome the broker refused, so one it keeps refusing
+    /// is dead-lettered with the reason instead of looping through redeliveries.
+    publish_failures: Arc<PublishFailures>,
 }
 
 impl Worker {
@@ -120,6 +123,7 @@ impl Worker {
             circuits: circuits.clone(),
             pipeline,
             health: Arc::new(Health::new(circuits, metrics)),
+            publish_failures: Arc::new(PublishFailures::default()),
         })
     }
 
@@ -362,6 +366,20 @@ impl Worker {
                 result,
                 dead_letter,
             } => {
+                let job_id = result
+                    .as_ref()
+                    .map(|r| r.job_id.clone())
+                    .or_else(|| dead_letter.as_ref().and_then(|d| d.job_id.clone()));
+                if let Some(settled) = self
+                    .give_up_publishing(&delivery, job_id.as_deref(), &result, publisher, broken)
+                    .await
+                {
+                    if let Err(e) = settled {
+                        warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
+                    }
+                    metrics.in_flight(-1);
+                    return;
+                }
                 let publish_result = async {
                     match &result {
                         Some(result) => publisher.result(result).await,
@@ -375,12 +393,20 @@ impl Worker {
                     }
                 };
                 match tokio::join!(publish_result, publish_dead) {
-                    (Ok(()), Ok(())) => delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map(|_| ()),
+                    (Ok(()), Ok(())) => {
+                        if let Some(job_id) = &job_id {
+                            self.publish_failures.settled(job_id);
+                        }
+                        delivery
+                            .acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map(|_| ())
+                    }
                     (Err(e), _) | (_, Err(e)) => {
+                        if let Some(job_id) = &job_id {
+                            self.publish_failures.failed(job_id, &e.to_string());
+                        }
                         // Not acked: the session is reopened, the broker redelivers
                         // the job, and the ledger's stored outcome is published again.
                         error!(error = %e, job_id = result.as_ref().map(|r| r.job_id.as_str()), "job outcome not confirmed by the broker; reopening the broker session");
@@ -394,6 +420,40 @@ impl Worker {
             warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
         }
         metrics.in_flight(-1);
+    }
+}
+
+impl Worker {
+    /// When the broker has refused this job's outcome too often, publishes the
+    /// small `err_publish_failed` dead letter in its place and acks: a job the
+    /// broker will never accept the outcome of (a policy refusing it, a header
+    /// over a limit) would otherwise reopen the session and come back for ever.
+    /// `None` while the job has attempts left: publish its outcome as usual.
+    async fn give_up_publishing(
+        &self,
+        delivery: &Delivery,
+        job_id: Option<&str>,
+        result: &Option<crate::job::JobResult>,
+        publisher: &Publisher,
+        broken: &CancellationToken,
+    ) -> Option<Result<(), lapin::Error>> {
+        let job_id = job_id?;
+        let (failures, reason) = self.publish_failures.exhausted(job_id)?;
+        let attempts = result.as_ref().map_or(0, |r| r.attempts);
+        let letter = broker::publish_failed_letter(job_id, attempts, failures, &reason);
+        match publisher.dead_letter(&letter).await {
+            Ok(()) => {
+                self.publish_failures.settled(job_id);
+                self.health.metrics().dead_lettered(broker::PUBLISH_FAILED);
+                error!(job_id, failures, "the broker kept refusing a finished job's outcome; dead-lettered it as err_publish_failed instead");
+                Some(delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()))
+            }
+            Err(e) => {
+                error!(error = %e, job_id, "the err_publish_failed dead letter was not confirmed either; reopening the broker session");
+                broken.cancel();
+                Some(Ok(()))
+            }
+        }
     }
 }
 

@@ -4,10 +4,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
+pub mod headers;
 mod publisher;
 mod topology;
 
-pub use publisher::Publisher;
+pub use publisher::{publish_failed_letter, PublishFailures, Publisher, PUBLISH_FAILED};
 pub use topology::{declare, declare_consumed, inspect_queue, queue_depth};
 
 /// A broker operation that failed; every message says what to check.
