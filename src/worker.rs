@@ -446,7 +446,13 @@ impl Worker {
                 self.publish_failures.settled(job_id);
                 self.health.metrics().dead_lettered(broker::PUBLISH_FAILED);
                 error!(job_id, failures, "the broker kept refusing a finished job's outcome; dead-lettered it as err_publish_failed instead");
-                Some(delivery.acker.ack(BasicAckOptions::default()).await.map(|_| ()))
+                Some(
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map(|_| ()),
+                )
             }
             Err(e) => {
                 error!(error = %e, job_id, "the err_publish_failed dead letter was not confirmed either; reopening the broker session");

@@ -74,8 +74,14 @@ mod tests {
 
     #[test]
     fn a_short_printable_value_is_kept_as_it_is() {
-        assert_eq!(message("accountCode is required"), "accountCode is required");
-        assert_eq!(code("err_validation_accountCode"), "err_validation_accountCode");
+        assert_eq!(
+            message("accountCode is required"),
+            "accountCode is required"
+        );
+        assert_eq!(
+            code("err_validation_accountCode"),
+            "err_validation_accountCode"
+        );
         assert_eq!(job_id("crm-evt-8f2c"), "crm-evt-8f2c");
     }
 

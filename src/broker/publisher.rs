@@ -169,7 +169,12 @@ impl PublishFailures {
 /// refused [`PublishFailures::MAX_FAILURES`] times: code `err_publish_failed`,
 /// the last refusal as the message, and a body naming the job. The outcome itself
 /// stays in the ledger; the job's change was made, so it must not be replayed.
-pub fn publish_failed_letter(job_id: &str, attempts: u32, failures: u32, reason: &str) -> DeadLetter {
+pub fn publish_failed_letter(
+    job_id: &str,
+    attempts: u32,
+    failures: u32,
+    reason: &str,
+) -> DeadLetter {
     let reason = headers::message(reason);
     let message = format!(
         "the job finished but the broker refused its outcome {failures} times (last: {reason}); its outcome is kept in the ledger; do not replay this message, the change was already made"

@@ -173,7 +173,13 @@ fn field_error(field: &str, message: String) -> ItemError {
     let name: String = field
         .chars()
         .take(MAX_CODE_FIELD_CHARS)
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     ItemError::permanent(format!("err_validation_{name}"), message)
 }

@@ -99,10 +99,7 @@ impl Codes {
         if !plain {
             return OTHER.to_owned();
         }
-        let mut seen = self
-            .vendor_codes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.vendor_codes.lock().unwrap_or_else(|p| p.into_inner());
         if seen.contains(code) {
             return code.to_owned();
         }

@@ -404,7 +404,9 @@ mod tests {
             "grew from {before} to {} bytes:\n{text}",
             text.len()
         );
-        assert!(text.contains("account_worker_jobs_total{vendor=\"other\",outcome=\"malformed\"} 200"));
+        assert!(
+            text.contains("account_worker_jobs_total{vendor=\"other\",outcome=\"malformed\"} 200")
+        );
         assert!(text.contains("account_worker_dead_letters_total{code=\"other\"}"));
     }
 }
