@@ -54,9 +54,13 @@ pub fn code(value: &str) -> String {
     out
 }
 
-/// A free-text message as a header value, at most [`MAX_MESSAGE_BYTES`].
+/// A free-text message as a header value, at most [`MAX_MESSAGE_BYTES`], with
+/// the userinfo of any URL in it hidden (a client error may quote one).
 pub fn message(value: &str) -> String {
-    text(value, MAX_MESSAGE_BYTES)
+    text(
+        &crate::telemetry::redact::url_userinfo(value),
+        MAX_MESSAGE_BYTES,
+    )
 }
 
 /// A job id as a header or `correlation_id`, at most [`MAX_ID_BYTES`].
