@@ -404,7 +404,7 @@ impl Worker {
                             .map(|_| ())
                     }
                     (Err(e), _) | (_, Err(e)) => {
-                        if let Some(job_id) = &job_id {
+                        if let Some(job_id) = job_id.as_deref().filter(|_| e.is_refusal()) {
                             self.publish_failures.failed(job_id, &e.to_string());
                         }
                         // Not acked: the session is reopened, the broker redelivers

@@ -43,6 +43,25 @@ pub enum BrokerError {
     Channel(#[from] lapin::Error),
 }
 
+impl BrokerError {
+    /// Whether the broker (or the client, before sending) refused this very
+    /// message: a nack, a return, a frame it would not take (`frame_too_large`,
+    /// a precondition) or one that could not be written. Such a refusal comes
+    /// back every time the same outcome is published, so it counts towards giving
+    /// up on it; a lost connection (I/O, a missed heartbeat, a channel already
+    /// closed) says nothing about the message and never does.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::NotConfirmed { .. } => true,
+            Self::Channel(cause) => matches!(
+                cause.kind(),
+                lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::SerialisationError(_)
+            ),
+            Self::Connect { .. } | Self::Topology { .. } => false,
+        }
+    }
+}
+
 /// Opens a connection named after this process, so operators can tell workers apart
 /// in the management dashboard.
 pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, BrokerError> {
@@ -66,4 +85,24 @@ pub fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
         AMQPValue::ShortInt(n) => n.to_string(),
         other => format!("{other:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_of_the_message_counts_towards_giving_up_on_it() {
+        let refused = BrokerError::NotConfirmed {
+            queue: "q.results".into(),
+            reason: "the broker refused it (nack)".into(),
+        };
+        assert!(refused.is_refusal());
+        let lost = BrokerError::Channel(lapin::Error::from(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(!lost.is_refusal());
+        let heartbeat = BrokerError::Channel(lapin::ErrorKind::MissingHeartbeatError.into());
+        assert!(!heartbeat.is_refusal());
+    }
 }

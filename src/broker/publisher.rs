@@ -116,9 +116,10 @@ impl Publisher {
     }
 }
 
-/// Counts, per `jobId`, the finished jobs whose outcome the broker would not
-/// confirm, so that one the broker keeps refusing is dead-lettered once with the
-/// reason instead of being redelivered and republished for ever.
+/// Counts, per `jobId`, the finished jobs whose outcome the broker refused
+/// ([`super::BrokerError::is_refusal`]: a lost connection does not count), so
+/// that one the broker keeps refusing is dead-lettered once with the reason
+/// instead of being redelivered and republished for ever.
 ///
 /// In-process and bounded: at most [`PublishFailures::MAX_TRACKED`] jobs are
 /// counted at once (past that the counts start again, which only delays a
