@@ -7,9 +7,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +26,8 @@ use crate::ordering::{AccountOrder, Place};
 use crate::pipeline::{Batchers, LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
+
+mod settle;
 
 /// Header `account-worker dlq replay` sets on a replayed message: its value gives
 /// the replay its own ledger entry, so the change is attempted again.
@@ -366,100 +366,14 @@ impl Worker {
                 result,
                 dead_letter,
             } => {
-                let job_id = result
-                    .as_ref()
-                    .map(|r| r.job_id.clone())
-                    .or_else(|| dead_letter.as_ref().and_then(|d| d.job_id.clone()));
-                if let Some(settled) = self
-                    .give_up_publishing(&delivery, job_id.as_deref(), &result, publisher, broken)
+                self.settle_finished(&delivery, result, dead_letter, publisher, broken)
                     .await
-                {
-                    if let Err(e) = settled {
-                        warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
-                    }
-                    metrics.in_flight(-1);
-                    return;
-                }
-                let publish_result = async {
-                    match &result {
-                        Some(result) => publisher.result(result).await,
-                        None => Ok(()),
-                    }
-                };
-                let publish_dead = async {
-                    match &dead_letter {
-                        Some(letter) => publisher.dead_letter(letter).await,
-                        None => Ok(()),
-                    }
-                };
-                match tokio::join!(publish_result, publish_dead) {
-                    (Ok(()), Ok(())) => {
-                        if let Some(job_id) = &job_id {
-                            self.publish_failures.settled(job_id);
-                        }
-                        delivery
-                            .acker
-                            .ack(BasicAckOptions::default())
-                            .await
-                            .map(|_| ())
-                    }
-                    (Err(e), _) | (_, Err(e)) => {
-                        if let Some(job_id) = job_id.as_deref().filter(|_| e.is_refusal()) {
-                            self.publish_failures.failed(job_id, &e.to_string());
-                        }
-                        // Not acked: the session is reopened, the broker redelivers
-                        // the job, and the ledger's stored outcome is published again.
-                        error!(error = %e, job_id = result.as_ref().map(|r| r.job_id.as_str()), "job outcome not confirmed by the broker; reopening the broker session");
-                        broken.cancel();
-                        Ok(())
-                    }
-                }
             }
         };
         if let Err(e) = settled {
             warn!(error = %e, "could not settle a delivery; the broker will redeliver it");
         }
         metrics.in_flight(-1);
-    }
-}
-
-impl Worker {
-    /// When the broker has refused this job's outcome too often, publishes the
-    /// small `err_publish_failed` dead letter in its place and acks: a job the
-    /// broker will never accept the outcome of (a policy refusing it, a header
-    /// over a limit) would otherwise reopen the session and come back for ever.
-    /// `None` while the job has attempts left: publish its outcome as usual.
-    async fn give_up_publishing(
-        &self,
-        delivery: &Delivery,
-        job_id: Option<&str>,
-        result: &Option<crate::job::JobResult>,
-        publisher: &Publisher,
-        broken: &CancellationToken,
-    ) -> Option<Result<(), lapin::Error>> {
-        let job_id = job_id?;
-        let (failures, reason) = self.publish_failures.exhausted(job_id)?;
-        let attempts = result.as_ref().map_or(0, |r| r.attempts);
-        let letter = broker::publish_failed_letter(job_id, attempts, failures, &reason);
-        match publisher.dead_letter(&letter).await {
-            Ok(()) => {
-                self.publish_failures.settled(job_id);
-                self.health.metrics().dead_lettered(broker::PUBLISH_FAILED);
-                error!(job_id, failures, "the broker kept refusing a finished job's outcome; dead-lettered it as err_publish_failed instead");
-                Some(
-                    delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map(|_| ()),
-                )
-            }
-            Err(e) => {
-                error!(error = %e, job_id, "the err_publish_failed dead letter was not confirmed either; reopening the broker session");
-                broken.cancel();
-                Some(Ok(()))
-            }
-        }
     }
 }
 
