@@ -168,8 +168,9 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `text` with the userinfo of every URL in it (`scheme://user:pass@host`)
-/// replaced by `***`, so an error quoting a URL never carries its credentials.
+/// `text` with the password of every URL in it hidden (`scheme://user:***@host`),
+/// so an error quoting a URL never carries its credentials. Userinfo without a
+/// password may itself be a token (`https://TOKEN@host`), so it is hidden whole.
 pub fn url_userinfo(text: &str) -> Cow<'_, str> {
     if !text.contains("://") {
         return Cow::Borrowed(text);
@@ -186,10 +187,14 @@ pub fn url_userinfo(text: &str) -> Cow<'_, str> {
             })
             .unwrap_or(after.len());
         let authority = &after[..end];
-        match authority.rfind('@') {
-            Some(userinfo_end) => {
-                out.push_str("***");
-                out.push_str(&authority[userinfo_end..]);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                if let Some((user, _password)) = userinfo.split_once(':') {
+                    out.push_str(user);
+                    out.push(':');
+                }
+                out.push_str("***@");
+                out.push_str(host);
             }
             None => out.push_str(authority),
         }
@@ -236,11 +241,15 @@ mod tests {
             url_userinfo(
                 "error sending request for url (http://u:p%40ss@host:81/api?x=1): refused"
             ),
-            "error sending request for url (http://***@host:81/api?x=1): refused"
+            "error sending request for url (http://u:***@host:81/api?x=1): refused"
         );
         assert_eq!(
             url_userinfo("amqp://guest:guest@127.0.0.1:5672/%2f and https://plain.example/x"),
-            "amqp://***@127.0.0.1:5672/%2f and https://plain.example/x"
+            "amqp://guest:***@127.0.0.1:5672/%2f and https://plain.example/x"
+        );
+        assert_eq!(
+            url_userinfo("https://ghp_token@host/x"),
+            "https://***@host/x"
         );
         assert_eq!(url_userinfo("no url"), "no url");
         assert_eq!(url_userinfo("a://"), "a://");
