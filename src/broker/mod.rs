@@ -44,19 +44,19 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// Whether the broker (or the client, before sending) refused this very
-    /// message: a nack, a return, a frame it would not take (`frame_too_large`,
-    /// a precondition) or one that could not be written. Such a refusal comes
-    /// back every time the same outcome is published, so it counts towards giving
-    /// up on it; a lost connection (I/O, a missed heartbeat, a channel already
-    /// closed) says nothing about the message and never does.
+    /// Whether this very message was refused: the broker nacked or returned it,
+    /// or the client could not write its frames. Such a refusal comes back every
+    /// time the same outcome is published, so it counts towards giving up on it.
+    /// A closed channel or connection never does, whatever its reason: it fails
+    /// every publish in flight on it alike (an operator's `CONNECTION_FORCED`, a
+    /// missed heartbeat, another message's error), so it says nothing about this
+    /// one, and the outcomes of innocent jobs must not be given up for it.
     pub fn is_refusal(&self) -> bool {
         match self {
             Self::NotConfirmed { .. } => true,
-            Self::Channel(cause) => matches!(
-                cause.kind(),
-                lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::SerialisationError(_)
-            ),
+            Self::Channel(cause) => {
+                matches!(cause.kind(), lapin::ErrorKind::SerialisationError(_))
+            }
             Self::Connect { .. } | Self::Topology { .. } => false,
         }
     }
@@ -104,5 +104,15 @@ mod tests {
         assert!(!lost.is_refusal());
         let heartbeat = BrokerError::Channel(lapin::ErrorKind::MissingHeartbeatError.into());
         assert!(!heartbeat.is_refusal());
+        let forced = BrokerError::Channel(
+            lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+                lapin::protocol::AMQPErrorKind::Hard(
+                    lapin::protocol::AMQPHardError::CONNECTIONFORCED,
+                ),
+                "CONNECTION_FORCED - closed by an operator".into(),
+            ))
+            .into(),
+        );
+        assert!(!forced.is_refusal());
     }
 }
