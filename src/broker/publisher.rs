@@ -131,8 +131,12 @@ pub struct PublishFailures {
 }
 
 impl PublishFailures {
-    /// Failed publishes of one job's outcome before it is dead-lettered instead.
-    pub const MAX_FAILURES: u32 = 3;
+    /// Refused publishes of one job's outcome before it is dead-lettered instead.
+    /// Each refusal reopens the session after the reconnect backoff (0.2 s, then
+    /// doubling), so five in a row span seconds: a refusal that passes (a quorum
+    /// queue without a leader for a moment) is outlasted, one that never
+    /// passes is given up on within about ten seconds.
+    pub const MAX_FAILURES: u32 = 5;
     /// Jobs counted at once.
     pub const MAX_TRACKED: usize = 10_000;
 
