@@ -438,6 +438,23 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_vendor_string_stays_whole_in_the_reason_and_is_cut_in_the_log() {
+        let vendor = format!("\u{e9}{}", "v".repeat(200_000));
+        let malformed = parse(&job(
+            json!({"jobId": "j", "vendor": vendor.clone(), "data": [{"accountCode": "A"}]}),
+        ))
+        .unwrap_err();
+        assert!(malformed.reason.contains(&vendor));
+        let logged = malformed.logged_reason();
+        assert!(
+            logged.len() <= 1024 + "...[truncated]".len(),
+            "{}",
+            logged.len()
+        );
+        assert!(logged.ends_with("...[truncated]"));
+    }
+
+    #[test]
     fn a_huge_unknown_field_gets_a_bounded_code_and_keeps_its_name_in_the_message() {
         let key = format!("x\r\n{}", "k".repeat(200_000));
         let parsed = parse(&job(
