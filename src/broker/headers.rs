@@ -16,13 +16,16 @@ pub const MAX_ID_BYTES: usize = 255;
 /// Appended to a value that was cut.
 const TRUNCATED: &str = "...[truncated]";
 
-/// `value` as printable ASCII of at most `max_bytes` bytes: each other character
-/// is written as a `\u{..}` escape, and a value that does not fit is cut and ends
-/// with `...[truncated]`, so a reader can tell it is not the whole text.
+/// `value` as printable text of at most `max_bytes` bytes: control characters
+/// and the invisible ones that reorder or hide text (bidi overrides, zero-width
+/// marks) are written as `\u{..}` escapes, while printable letters of any script
+/// are kept, so a `jobId` like `crm-é` stays the id its producer correlates on.
+/// A value that does not fit is cut on a character boundary and ends with
+/// `...[truncated]`, so a reader can tell it is not the whole text.
 pub fn text(value: &str, max_bytes: usize) -> String {
     let mut out = String::with_capacity(value.len().min(max_bytes));
     for c in value.chars() {
-        if c == ' ' || c.is_ascii_graphic() {
+        if is_printable(c) {
             out.push(c);
         } else {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
@@ -32,11 +35,22 @@ pub fn text(value: &str, max_bytes: usize) -> String {
         }
     }
     if out.len() > max_bytes {
-        out.truncate(max_bytes.saturating_sub(TRUNCATED.len()));
+        let mut end = max_bytes.saturating_sub(TRUNCATED.len());
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
         out.push_str(TRUNCATED);
-        out.truncate(max_bytes);
     }
     out
+}
+
+/// Whether `c` shows as itself: not a control character, not one of the
+/// invisible format characters that reorder or hide the text around them.
+fn is_printable(c: char) -> bool {
+    !c.is_control()
+        && !matches!(c,
+            '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
 }
 
 /// An error code as a header value: letters, digits and `_ . : -` only (any other
@@ -73,7 +87,7 @@ mod tests {
     use super::*;
 
     fn printable(value: &str) -> bool {
-        value.chars().all(|c| c == ' ' || c.is_ascii_graphic())
+        value.chars().all(is_printable)
     }
 
     #[test]
@@ -100,10 +114,16 @@ mod tests {
     }
 
     #[test]
-    fn control_and_non_ascii_characters_never_reach_a_header() {
+    fn control_and_invisible_characters_never_reach_a_header() {
         let value = message("line\r\nx-forged: 1\u{0}\u{202e}é");
         assert!(printable(&value), "{value}");
         assert!(value.contains("\\u{d}\\u{a}"), "{value}");
+        assert!(value.contains("\\u{202e}"), "{value}");
+        assert!(
+            value.ends_with('é'),
+            "letters of any script are kept: {value}"
+        );
+        assert_eq!(job_id("crm-é"), "crm-é");
         let code = code(&format!("err_validation_{}\n\u{0}{}", "ü", "x".repeat(500)));
         assert!(code.len() <= MAX_CODE_BYTES && printable(&code), "{code}");
         assert!(code.starts_with("err_validation__"), "{code}");
