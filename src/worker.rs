@@ -18,7 +18,7 @@ use crate::broker::{self, BrokerError, PublishFailures, Publisher};
 use crate::circuit::Circuits;
 use crate::config::Settings;
 use crate::health::Health;
-use crate::job::{Job, Malformed};
+use crate::job::{Job, Malformed, ReplayClaim};
 use crate::ledger::{Ledger, LedgerError};
 use crate::limiter::{LimiterError, Limiters};
 use crate::metrics::Metrics;
@@ -29,9 +29,11 @@ use crate::vendor::Vendors;
 
 mod settle;
 
-/// Header `account-worker dlq replay` sets on a replayed message: its value gives
-/// the replay its own ledger entry, so the change is attempted again.
-pub const REPLAY_HEADER: &str = "x-replay-id";
+/// Header `account-worker dlq replay` sets on a replayed message: the outcome id
+/// of the dead letter it replays, which gives the replay its own ledger entry
+/// (one per dead letter), so the change is attempted again, once. The worker
+/// believes it only when the ledger stored that dead letter.
+pub const REPLAY_HEADER: &str = crate::job::REPLAY_ID_HEADER;
 
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -331,15 +333,17 @@ impl Worker {
             _ = stopping.cancelled() => false,
             _ = place.wait_turn() => true,
         };
-        let replay_id = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|headers| crate::broker::header_text(headers, REPLAY_HEADER));
+        let replay = delivery.properties.headers().as_ref().and_then(|headers| {
+            let header = |name| crate::broker::header_text(headers, name);
+            Some(ReplayClaim {
+                id: header(REPLAY_HEADER)?,
+                origin: header(crate::job::REPLAY_ORIGIN_HEADER),
+            })
+        });
         let processing = std::panic::AssertUnwindSafe(self.pipeline.process(
             &delivery.data,
             parsed,
-            replay_id.as_deref(),
+            replay.as_ref(),
             stopping,
         ));
         // A bug must not leave the delivery unacked forever: hand it back, and the

@@ -9,7 +9,7 @@ use lapin::{BasicProperties, Channel, Connection};
 
 use super::{headers, BrokerError};
 use crate::config::QueueNames;
-use crate::job::JobResult;
+use crate::job::{JobResult, OUTCOME_ID_HEADER, RUN_REPLAY_ID_HEADER};
 use crate::pipeline::DeadLetter;
 
 /// Publishes on a confirm channel: a publish returns only once the broker has
@@ -61,6 +61,15 @@ impl Publisher {
             AMQPValue::LongLongInt(i64::from(letter.attempts)),
         );
         let mut properties = BasicProperties::default().with_delivery_mode(2);
+        // Outcome ids are short printable tokens (`OutcomeId`), so they need no
+        // bounding. Every copy of a dead letter carries the same ones: they key
+        // its replay.
+        if let Some(outcome_id) = &letter.outcome_id {
+            table.insert(OUTCOME_ID_HEADER.into(), text(outcome_id.to_string()));
+        }
+        if let Some(run) = &letter.run_replay_id {
+            table.insert(RUN_REPLAY_ID_HEADER.into(), text(run.to_string()));
+        }
         if let Some(job_id) = &letter.job_id {
             let job_id = headers::job_id(job_id);
             table.insert("x-job-id".into(), text(job_id.clone()));
@@ -194,6 +203,8 @@ pub fn publish_failed_letter(
         error_message: message,
         attempts,
         job_id: Some(job_id.to_owned()),
+        outcome_id: None,
+        run_replay_id: None,
     }
 }
 

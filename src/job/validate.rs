@@ -4,7 +4,8 @@ use email_address::EmailAddress;
 use serde_json::{Map, Value};
 
 use super::{
-    FailEntry, Item, ItemError, Job, JobId, Malformed, VendorKind, MAX_BODY_BYTES, MAX_ITEMS,
+    bounded_echo, fingerprint, FailEntry, Item, ItemError, Job, JobId, Malformed, VendorKind,
+    MAX_BODY_BYTES, MAX_ITEMS,
 };
 
 /// The fields a Mimecast item may have (update-account's `data` element).
@@ -136,14 +137,16 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
             Err(error) => rejected.push((
                 index,
                 FailEntry {
-                    key: raw.clone(),
+                    key: bounded_echo(raw.clone()),
                     errors: vec![error],
                 },
             )),
         }
     }
     Ok(Job {
+        fingerprint: fingerprint(vendor.as_str(), data),
         ledger_key: job_id.clone(),
+        replay: None,
         id: job_id,
         vendor,
         items,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{now_ms, Entry, LedgerError};
+use super::{now_ms, Entry, LedgerError, Stored};
 use crate::job::JobId;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -22,6 +22,13 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 struct Row {
     expires_at_ms: u64,
     entry: Entry,
+}
+
+/// Only a row's expiry, for the sweep: a row whose entry no longer decodes
+/// still has a readable expiry, and is kept all the same when it does not.
+#[derive(Deserialize)]
+struct ExpiresAt {
+    expires_at_ms: u64,
 }
 
 /// redb's own page cache. Small on purpose: pages it misses are read from the
@@ -37,7 +44,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// Runs after the group's commit with its outcome, to answer the caller.
 type Reply = Box<dyn FnOnce(Result<(), LedgerError>) + Send>;
 /// A read-modify-write of one entry: returns what to store and how to answer.
-type Change = Box<dyn FnOnce(Result<Option<Entry>, LedgerError>) -> (Option<Entry>, Reply) + Send>;
+type Change = Box<dyn FnOnce(Result<Stored, LedgerError>) -> (Option<Entry>, Reply) + Send>;
 
 struct Op {
     key: String,
@@ -122,7 +129,7 @@ impl FileLedger {
     pub(super) async fn update<T: Send + 'static>(
         &self,
         job: &JobId,
-        change: impl FnOnce(Option<Entry>) -> (T, Option<Entry>) + Send + 'static,
+        change: impl FnOnce(Stored) -> (T, Option<Entry>) + Send + 'static,
     ) -> Result<T, LedgerError> {
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<T, LedgerError>>();
         let change: Change = Box::new(move |current| match current.map(change) {
@@ -269,14 +276,15 @@ impl Committer {
         let applied = (|| -> Result<(), String> {
             let mut table = tx.open_table(JOBS).map_err(|e| e.to_string())?;
             for op in group {
+                // A row that cannot be decoded is ledger loss, for the decision
+                // to treat as such; it is never taken as "not started".
                 let current = match table.get(op.key.as_str()) {
-                    Ok(Some(bytes)) => serde_json::from_slice::<Row>(bytes.value())
-                        .map(|row| Some(row.entry))
-                        .map_err(|e| LedgerError::Corrupt {
-                            job_id: op.key.clone(),
-                            reason: e.to_string(),
-                        }),
-                    Ok(None) => Ok(None),
+                    Ok(Some(bytes)) => Ok(serde_json::from_slice::<Row>(bytes.value())
+                        .map_or_else(
+                            |e| Stored::Unreadable(e.to_string()),
+                            |row| Stored::Present(row.entry),
+                        )),
+                    Ok(None) => Ok(Stored::Absent),
                     Err(e) => Err(self.error(e)),
                 };
                 let (write, reply) = (op.change)(current);
@@ -310,17 +318,31 @@ impl Committer {
             .map_err(|e| self.error(e))?;
         let removed = {
             let mut table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
+            let mut unreadable = 0usize;
             let expired: Vec<String> = table
                 .iter()
                 .map_err(|e| self.error(e))?
                 .filter_map(Result::ok)
                 .filter(|(_, value)| {
-                    serde_json::from_slice::<Row>(value.value())
-                        .map(|row| row.expires_at_ms < now)
-                        .unwrap_or(true)
+                    // A row that cannot be read is kept: deleting it would turn
+                    // the next copy of its job into a new job, applied again.
+                    match serde_json::from_slice::<ExpiresAt>(value.value()) {
+                        Ok(row) => row.expires_at_ms < now,
+                        Err(_) => {
+                            unreadable += 1;
+                            false
+                        }
+                    }
                 })
                 .map(|(key, _)| key.value().to_owned())
                 .collect();
+            if unreadable > 0 {
+                tracing::error!(
+                    unreadable,
+                    path = %self.path.display(),
+                    "ledger rows that cannot be read are kept, not swept: their jobs are treated as ledger loss; inspect the file"
+                );
+            }
             for key in &expired {
                 table.remove(key.as_str()).map_err(|e| self.error(e))?;
             }

@@ -82,6 +82,7 @@ pub struct Metrics {
     broker_reconnects: Counter,
     circuit_open: Family<VendorLabels, Gauge>,
     ledger_errors: Counter,
+    ledger_lost: Counter,
     ledger_down: Gauge,
     /// Why the last ledger operation failed, while it is down; for `/readyz`.
     ledger_failure: std::sync::Mutex<Option<String>>,
@@ -114,7 +115,13 @@ impl Metrics {
         let broker_reconnects = Counter::default();
         let circuit_open = Family::<VendorLabels, Gauge>::default();
         let ledger_errors = Counter::default();
+        let ledger_lost = Counter::default();
         let ledger_down = Gauge::default();
+        registry.register(
+            "ledger_lost",
+            "Ledger entries found missing or unreadable where this worker expected one (ledger loss): additive items were not resent; check the ledger's persistence and eviction settings",
+            ledger_lost.clone(),
+        );
         registry.register(
             "ledger_errors",
             "Ledger operations that failed: the jobs concerned wait, or go back to the queue",
@@ -196,6 +203,7 @@ impl Metrics {
             broker_reconnects,
             circuit_open,
             ledger_errors,
+            ledger_lost,
             ledger_down,
             ledger_failure: std::sync::Mutex::new(None),
             codes: labels::Codes::default(),
@@ -317,6 +325,11 @@ impl Metrics {
     /// Broker sessions lost so far.
     pub fn broker_reconnects(&self) -> u64 {
         self.broker_reconnects.get()
+    }
+
+    /// A job's ledger entry was missing or unreadable where one was expected.
+    pub fn ledger_lost(&self) {
+        self.ledger_lost.inc();
     }
 
     /// A ledger operation failed for a reason other than a lost lease.

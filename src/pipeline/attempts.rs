@@ -12,7 +12,7 @@ use super::{Pipeline, Stop};
 use crate::batcher::{Batcher, NotSent};
 use crate::circuit::Pass;
 use crate::job::{Item, ItemError, VendorKind};
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, Written};
 use crate::metrics::Metrics;
 use crate::retry::{self, Decision};
 use crate::vendor::{ItemOutcome, VendorClient, VendorError};
@@ -107,10 +107,18 @@ impl Marker<'_> {
                 self.pipeline.policy.lease,
             )
             .await;
-        if stored.is_err() {
-            in_flight.truncate(before);
+        match stored {
+            Ok(written) => {
+                if written == Written::Recreated {
+                    self.pipeline.metrics.ledger_lost();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                in_flight.truncate(before);
+                Err(e)
+            }
         }
-        stored
     }
 }
 
@@ -294,15 +302,19 @@ impl Pipeline {
     /// reports the additive items as unknown, which is safe.
     async fn record_progress(&self, state: &JobState, owner: &str) {
         let progress = state.progress(&[]);
-        if let Err(e) = self
+        match self
             .ledger
             .checkpoint(&state.job.ledger_key, owner, &progress, self.policy.lease)
             .await
         {
-            if !matches!(e, LedgerError::LeaseLost { .. }) {
-                self.metrics.ledger_failed(e.to_string());
+            Ok(Written::Kept) => {}
+            Ok(Written::Recreated) => self.metrics.ledger_lost(),
+            Err(e) => {
+                if !matches!(e, LedgerError::LeaseLost { .. }) {
+                    self.metrics.ledger_failed(e.to_string());
+                }
+                warn!(error = %e, "cannot record progress in the ledger; continuing");
             }
-            warn!(error = %e, "cannot record progress in the ledger; continuing");
         }
     }
 
