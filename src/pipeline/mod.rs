@@ -632,7 +632,7 @@ fn finished(state: &JobState) -> Outcome {
 }
 
 fn malformed_outcome(body: &[u8], malformed: &Malformed) -> Outcome {
-    warn!(job_id = malformed.job_id.as_ref().map(|id| id.as_str()), reason = %malformed.reason, "malformed job dead-lettered");
+    warn!(job_id = malformed.job_id.as_ref().map(|id| id.as_str()), reason = %malformed.logged_reason(), "malformed job dead-lettered");
     let error = ItemError::permanent("err_job_malformed", malformed.reason.clone());
     let result = malformed.job_id.as_ref().map(|id| JobResult {
         job_id: id.to_string(),
