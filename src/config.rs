@@ -573,11 +573,18 @@ fn parse_rate(setting: &'static str, text: &str) -> Result<Option<RateLimit>, Co
     }
 }
 
+/// A vendor's API root. Any `user:password@` in it is dropped here: the vendors
+/// authenticate by signature only, the HTTP client would otherwise send it as a
+/// second, conflicting `Authorization: Basic` header, and a URL that carries no
+/// credentials cannot leak them into an error, a result or a log line.
 fn parse_base_url(setting: &'static str, text: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(text).map_err(|e| {
+    let mut url = Url::parse(text).map_err(|e| {
         invalid(
             setting,
-            format!("{text:?} is not a URL ({e}); expected e.g. https://eu-api.mimecast.com"),
+            format!(
+                "{} is not a URL ({e}); expected e.g. https://eu-api.mimecast.com",
+                crate::telemetry::redact::url_userinfo(&format!("{text:?}"))
+            ),
         )
     })?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -586,6 +593,9 @@ fn parse_base_url(setting: &'static str, text: &str) -> Result<Url, ConfigError>
             "must start with https:// (or http:// for a local mock)",
         ));
     }
+    // Cannot fail: an http(s) URL has a host.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
     Ok(url)
 }
 
@@ -594,9 +604,12 @@ fn required_secret(
     value: &str,
     because: &str,
 ) -> Result<SecretString, ConfigError> {
-    non_empty(value)
-        .map(|v| SecretString::from(v.to_owned()))
-        .ok_or_else(|| invalid(setting, format!("is required when {because} is set")))
+    // Every credential goes into a request header or the signed text of one:
+    // a control character (a pasted line break) would make every call fail in
+    // the client, so it is refused here, without echoing the value.
+    let value = non_empty(value)
+        .ok_or_else(|| invalid(setting, format!("is required when {because} is set")))?;
+    header_safe(setting, value.to_owned()).map(SecretString::from)
 }
 
 fn parse_mimecast(raw: &RawSettings) -> Result<Option<MimecastSettings>, ConfigError> {
@@ -890,6 +903,30 @@ mod tests {
             redact_url("amqp://user:hunter2@host:5672/%2f"),
             "amqp://user:***@host:5672/%2f"
         );
+    }
+
+    #[test]
+    fn a_vendor_base_urls_credentials_are_dropped_and_never_echoed() {
+        let settings = load(&[
+            ("PNCP_BASE_URL", "http://puser:hunter2@127.0.0.1:8080/pncp"),
+            ("PNCP_APPLICATION_KEY", "k"),
+            ("PNCP_SHARED_SECRET", "s"),
+        ])
+        .unwrap();
+        let url = &settings.pncp.unwrap().base_url;
+        assert_eq!(url.as_str(), "http://127.0.0.1:8080/pncp");
+        let error = load(&[
+            (
+                "PNCP_BASE_URL",
+                "http://puser:hunter2@127.0.0.1:notaport/pncp",
+            ),
+            ("PNCP_APPLICATION_KEY", "k"),
+            ("PNCP_SHARED_SECRET", "s"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("PNCP_BASE_URL"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
     }
 
     #[test]

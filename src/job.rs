@@ -17,6 +17,7 @@ pub use replay::{
     OutcomeId, ReplayClaim, OUTCOME_ID_HEADER, REPLAY_ID_HEADER, REPLAY_ORIGIN_HEADER,
     RUN_REPLAY_ID_HEADER,
 };
+pub use validate::{MIMECAST_FIELDS, PNCP_FIELDS};
 
 /// Largest message body accepted; a real job of 100 items is far below it.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -167,6 +168,25 @@ pub struct Malformed {
     pub vendor: Option<String>,
     /// What is wrong, for `x-error-message`.
     pub reason: String,
+}
+
+/// Longest reason a log line carries: the full one, which may quote a field name
+/// or vendor string of any length, stays in the result and the dead letter.
+const MAX_LOGGED_REASON_BYTES: usize = 1024;
+
+impl Malformed {
+    /// The reason cut to [`MAX_LOGGED_REASON_BYTES`] (on a character boundary,
+    /// ending in `...[truncated]`), so a hostile message cannot make a huge log line.
+    pub fn logged_reason(&self) -> std::borrow::Cow<'_, str> {
+        if self.reason.len() <= MAX_LOGGED_REASON_BYTES {
+            return std::borrow::Cow::Borrowed(&self.reason);
+        }
+        let mut end = MAX_LOGGED_REASON_BYTES;
+        while !self.reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        std::borrow::Cow::Owned(format!("{}...[truncated]", &self.reason[..end]))
+    }
 }
 
 /// One error of one item, as Mimecast reports them.

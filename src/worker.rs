@@ -7,16 +7,14 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::batcher::Batcher;
-use crate::broker::{self, BrokerError, Publisher};
+use crate::broker::{self, BrokerError, PublishFailures, Publisher};
 use crate::circuit::Circuits;
 use crate::config::Settings;
 use crate::health::Health;
@@ -28,6 +26,8 @@ use crate::ordering::{AccountOrder, Place};
 use crate::pipeline::{Batchers, LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
+
+mod settle;
 
 /// Header `account-worker dlq replay` sets on a replayed message: the outcome id
 /// of the dead letter it replays, which gives the replay its own ledger entry
@@ -73,6 +73,9 @@ pub struct Worker {
     circuits: Arc<Circuits>,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
+    /// Finished jobs whose outcome the broker refused, so one it keeps refusing
+    /// is dead-lettered with the reason instead of looping through redeliveries.
+    publish_failures: Arc<PublishFailures>,
 }
 
 impl Worker {
@@ -122,6 +125,7 @@ impl Worker {
             circuits: circuits.clone(),
             pipeline,
             health: Arc::new(Health::new(circuits, metrics)),
+            publish_failures: Arc::new(PublishFailures::default()),
         })
     }
 
@@ -366,32 +370,8 @@ impl Worker {
                 result,
                 dead_letter,
             } => {
-                let publish_result = async {
-                    match &result {
-                        Some(result) => publisher.result(result).await,
-                        None => Ok(()),
-                    }
-                };
-                let publish_dead = async {
-                    match &dead_letter {
-                        Some(letter) => publisher.dead_letter(letter).await,
-                        None => Ok(()),
-                    }
-                };
-                match tokio::join!(publish_result, publish_dead) {
-                    (Ok(()), Ok(())) => delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map(|_| ()),
-                    (Err(e), _) | (_, Err(e)) => {
-                        // Not acked: the session is reopened, the broker redelivers
-                        // the job, and the ledger's stored outcome is published again.
-                        error!(error = %e, job_id = result.as_ref().map(|r| r.job_id.as_str()), "job outcome not confirmed by the broker; reopening the broker session");
-                        broken.cancel();
-                        Ok(())
-                    }
-                }
+                self.settle_finished(&delivery, result, dead_letter, publisher, broken)
+                    .await
             }
         };
         if let Err(e) = settled {

@@ -18,7 +18,7 @@ use crate::job::JobId;
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 
 /// What one row holds: the entry and when it may be swept.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Row {
     expires_at_ms: u64,
     entry: Entry,
@@ -105,6 +105,7 @@ impl FileLedger {
             retention,
         });
         committer.sweep(now_ms())?;
+        committer.free_dead_leases(now_ms())?;
         let (sender, ops) = mpsc::channel();
         let thread_committer = committer.clone();
         let thread = std::thread::Builder::new()
@@ -309,6 +310,51 @@ impl Committer {
         (replies, committed)
     }
 
+    /// Ends every lease still running at open. The file is locked to one
+    /// process, so such a lease belongs to a process that died (a crash, a
+    /// SIGKILL): its jobs resume as soon as they are redelivered, instead of
+    /// every one of them waiting out `LEDGER_LEASE` while the new process holds
+    /// their deliveries. Their progress, in-flight markers included, is kept:
+    /// what may have been sent is still never resent.
+    fn free_dead_leases(&self, now: u64) -> Result<usize, LedgerError> {
+        let tx = self
+            .database()
+            .map_err(|reason| self.error(reason))?
+            .begin_write()
+            .map_err(|e| self.error(e))?;
+        let freed = {
+            let mut table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
+            let held: Vec<(String, Row)> = table
+                .iter()
+                .map_err(|e| self.error(e))?
+                .filter_map(Result::ok)
+                .filter_map(|(key, value)| {
+                    let row = serde_json::from_slice::<Row>(value.value()).ok()?;
+                    let live = row.entry.finished.is_none() && row.entry.lease_until_ms > now;
+                    live.then(|| (key.value().to_owned(), row))
+                })
+                .collect();
+            for (key, mut row) in held.iter().cloned() {
+                row.entry.owner = String::new();
+                row.entry.lease_until_ms = 0;
+                row.entry.granted = None;
+                let bytes = serde_json::to_vec(&row).map_err(|e| self.error(e))?;
+                table
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+            held.len()
+        };
+        tx.commit().map_err(|e| self.error(e))?;
+        if freed > 0 {
+            tracing::warn!(
+                jobs = freed,
+                "the last process using this ledger stopped with jobs in flight; they resume when redelivered"
+            );
+        }
+        Ok(freed)
+    }
+
     /// Deletes entries whose retention ended before `now` (Unix ms).
     fn sweep(&self, now: u64) -> Result<usize, LedgerError> {
         let tx = self
@@ -357,7 +403,7 @@ impl Committer {
 mod tests {
     use super::*;
     use crate::job::{JobResult, JobStatus, ResultMeta};
-    use crate::ledger::{Claim, Finished, Ledger};
+    use crate::ledger::{Claim, Finished, Ledger, Progress};
 
     fn result(id: &str) -> Finished {
         Finished {
@@ -393,7 +439,10 @@ mod tests {
                     .unwrap(),
                 Claim::Busy
             );
-            ledger.finish(&job, "a", &result("j-1")).await.unwrap();
+            ledger
+                .finish(&job, "a", None, &result("j-1"))
+                .await
+                .unwrap();
         }
         let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
         let claim = ledger
@@ -401,6 +450,42 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(claim, Claim::Done(Box::new(result("j-1"))));
+    }
+
+    #[tokio::test]
+    async fn a_lease_left_by_a_dead_process_ends_when_the_file_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        let job = JobId::parse("j-1").unwrap();
+        let marker = Progress {
+            in_flight: vec![0],
+            ..Progress::default()
+        };
+        {
+            let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
+            let claim = ledger
+                .claim(&job, "dead", Duration::from_secs(600), Some(&marker))
+                .await
+                .unwrap();
+            assert!(matches!(claim, Claim::Owned { marked: true, .. }));
+            // The process dies here, its lease running for ten more minutes.
+        }
+        let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
+        let claim = ledger
+            .claim(&job, "next", Duration::from_secs(30), None)
+            .await
+            .unwrap();
+        match claim {
+            Claim::Owned {
+                progress,
+                deliveries,
+                ..
+            } => {
+                assert_eq!(progress.in_flight, [0], "the in-flight marker is kept");
+                assert_eq!(deliveries, 2);
+            }
+            other => panic!("the next delivery resumes at once, got {other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -447,7 +532,10 @@ mod tests {
             .claim(&old, "a", Duration::from_secs(30), None)
             .await
             .unwrap();
-        ledger.finish(&old, "a", &result("old")).await.unwrap();
+        ledger
+            .finish(&old, "a", None, &result("old"))
+            .await
+            .unwrap();
         assert_eq!(file.sweep_before(now_ms()).unwrap(), 0);
         assert_eq!(file.sweep_before(now_ms() + 61_000).unwrap(), 1);
         assert!(file.is_empty().unwrap());

@@ -175,6 +175,20 @@ pub struct Granted {
 }
 
 impl Entry {
+    /// An entry written again after the ledger lost it, keeping the body's
+    /// fingerprint: a later copy with another body is still a conflict, never
+    /// adopted as the job's body.
+    fn recreated(
+        owner: &str,
+        lease_until_ms: u64,
+        progress: Progress,
+        fingerprint: Option<&str>,
+    ) -> Self {
+        let mut entry = Self::new(owner, lease_until_ms, progress);
+        entry.fingerprint = fingerprint.map(str::to_owned);
+        entry
+    }
+
     /// An entry of `owner`, created where the store had none.
     fn new(owner: &str, lease_until_ms: u64, progress: Progress) -> Self {
         Self {
@@ -216,10 +230,18 @@ pub enum Evidence {
     /// Nothing: an absent entry is a job seen for the first time.
     None,
     /// This process claimed it recently: an absent entry was lost.
-    Seen,
+    Seen {
+        /// The body claimed then is this one.
+        same_body: bool,
+        /// This process published the job's answer.
+        answered: bool,
+    },
     /// Another delivery in this process holds it now: wait for it (it stores
     /// its entry again with its next write).
-    HeldHere,
+    HeldHere {
+        /// That delivery's body is this one.
+        same_body: bool,
+    },
 }
 
 /// What a delivery may do with its job.
@@ -245,6 +267,10 @@ pub enum Claim {
     /// The `jobId` is known with a different body: nothing may be sent, and
     /// the stored outcome (if any) stands.
     Conflict,
+    /// This process answered the job, and the ledger has lost that answer:
+    /// nothing may be sent (it may all be applied), and publishing another
+    /// result would give the `jobId` a second, different answer.
+    Forgotten,
 }
 
 /// Whether a write kept the entry it found or had to re-create a lost one.
@@ -311,11 +337,22 @@ pub fn decide_claim(current: Stored, request: &ClaimRequest<'_>) -> (Claim, Opti
         let claim = granted(&mut entry, grant);
         (claim, Some(entry))
     };
-    match current {
-        Stored::Unreadable(_) => lost_claim(),
-        Stored::Absent => match request.evidence {
-            Evidence::Seen => lost_claim(),
-            Evidence::HeldHere => (Claim::Busy, None),
+    match (current, request.evidence) {
+        // Whatever the store lost, this process knows the job by another body.
+        (
+            Stored::Absent | Stored::Unreadable(_),
+            Evidence::Seen {
+                same_body: false, ..
+            }
+            | Evidence::HeldHere { same_body: false },
+        ) => (Claim::Conflict, None),
+        (Stored::Absent | Stored::Unreadable(_), Evidence::Seen { answered: true, .. }) => {
+            (Claim::Forgotten, None)
+        }
+        (Stored::Unreadable(_), _) => lost_claim(),
+        (Stored::Absent, evidence) => match evidence {
+            Evidence::Seen { .. } => lost_claim(),
+            Evidence::HeldHere { .. } => (Claim::Busy, None),
             Evidence::None => {
                 let progress = request.first_marker.cloned().unwrap_or_default();
                 let mut entry = Entry::new(owner, lease_until_ms, progress);
@@ -330,7 +367,7 @@ pub fn decide_claim(current: Stored, request: &ClaimRequest<'_>) -> (Claim, Opti
                 (claim, Some(entry))
             }
         },
-        Stored::Present(entry)
+        (Stored::Present(entry), _)
             if matches!(
                 (entry.fingerprint.as_deref(), request.fingerprint),
                 (Some(stored), Some(offered)) if stored != offered
@@ -338,15 +375,21 @@ pub fn decide_claim(current: Stored, request: &ClaimRequest<'_>) -> (Claim, Opti
         {
             (Claim::Conflict, None)
         }
-        Stored::Present(Entry {
-            finished: Some(finished),
-            ..
-        }) => (Claim::Done(Box::new(finished)), None),
-        Stored::Present(Entry {
-            granted: Some(grant),
-            owner: current,
-            ..
-        }) if current == owner => {
+        (
+            Stored::Present(Entry {
+                finished: Some(finished),
+                ..
+            }),
+            _,
+        ) => (Claim::Done(Box::new(finished)), None),
+        (
+            Stored::Present(Entry {
+                granted: Some(grant),
+                owner: current,
+                ..
+            }),
+            _,
+        ) if current == owner => {
             // This owner's claim was already answered (its reply was lost).
             (
                 Claim::Owned {
@@ -358,10 +401,12 @@ pub fn decide_claim(current: Stored, request: &ClaimRequest<'_>) -> (Claim, Opti
                 None,
             )
         }
-        Stored::Present(entry) if entry.owner != owner && entry.lease_until_ms > request.now_ms => {
+        (Stored::Present(entry), _)
+            if entry.owner != owner && entry.lease_until_ms > request.now_ms =>
+        {
             (Claim::Busy, None)
         }
-        Stored::Present(mut entry) => {
+        (Stored::Present(mut entry), _) => {
             entry.deliveries = entry.deliveries.saturating_add(1);
             entry.owner = owner.to_owned();
             entry.lease_until_ms = lease_until_ms;
@@ -395,6 +440,7 @@ pub fn decide_checkpoint(
     current: Stored,
     job_id: &str,
     owner: &str,
+    fingerprint: Option<&str>,
     progress: &Progress,
     now_ms: u64,
     lease: Duration,
@@ -410,7 +456,12 @@ pub fn decide_checkpoint(
         }
         Stored::Absent | Stored::Unreadable(_) => (
             Ok(Written::Recreated),
-            Some(Entry::new(owner, lease_until_ms, progress.clone())),
+            Some(Entry::recreated(
+                owner,
+                lease_until_ms,
+                progress.clone(),
+                fingerprint,
+            )),
         ),
         Stored::Present(_) => (
             Err(LedgerError::LeaseLost {
@@ -428,6 +479,7 @@ pub fn decide_finish(
     current: Stored,
     job_id: &str,
     owner: &str,
+    fingerprint: Option<&str>,
     finished: &Finished,
 ) -> (Result<(Finished, Written), LedgerError>, Option<Entry>) {
     match current {
@@ -440,7 +492,7 @@ pub fn decide_finish(
             (Ok((finished.clone(), Written::Kept)), Some(entry))
         }
         Stored::Absent | Stored::Unreadable(_) => {
-            let mut entry = Entry::new(owner, 0, Progress::default());
+            let mut entry = Entry::recreated(owner, 0, Progress::default(), fingerprint);
             entry.finished = Some(finished.clone());
             (Ok((finished.clone(), Written::Recreated)), Some(entry))
         }
@@ -462,6 +514,7 @@ pub fn decide_finish(
 pub fn decide_release(
     current: Stored,
     owner: &str,
+    fingerprint: Option<&str>,
     progress: Option<&Progress>,
 ) -> (Written, Option<Entry>) {
     match current {
@@ -478,7 +531,8 @@ pub fn decide_release(
             (Written::Kept, Some(entry))
         }
         Stored::Absent | Stored::Unreadable(_) => {
-            let mut entry = Entry::new("", 0, progress.cloned().unwrap_or_default());
+            let mut entry =
+                Entry::recreated("", 0, progress.cloned().unwrap_or_default(), fingerprint);
             entry.deliveries = 0;
             entry.lost = progress.is_none();
             (Written::Recreated, Some(entry))
@@ -494,6 +548,7 @@ pub fn decide_release(
 pub fn decide_renew(
     current: Stored,
     owner: &str,
+    fingerprint: Option<&str>,
     now_ms: u64,
     lease: Duration,
 ) -> (Option<Written>, Option<Entry>) {
@@ -504,7 +559,8 @@ pub fn decide_renew(
             (Some(Written::Kept), Some(entry))
         }
         Stored::Absent | Stored::Unreadable(_) => {
-            let mut entry = Entry::new(owner, lease_until_ms, Progress::default());
+            let mut entry =
+                Entry::recreated(owner, lease_until_ms, Progress::default(), fingerprint);
             entry.lost = true;
             (Some(Written::Recreated), Some(entry))
         }
@@ -526,13 +582,20 @@ pub enum MalformedAnswer {
 
 /// Settles a malformed copy of a job against the ledger, so one `jobId` gets
 /// one answer whichever copy arrives first.
-pub fn decide_malformed(current: Stored, failure: &Finished) -> (MalformedAnswer, Option<Entry>) {
+pub fn decide_malformed(
+    current: Stored,
+    evidence: Evidence,
+    failure: &Finished,
+) -> (MalformedAnswer, Option<Entry>) {
     match current {
         Stored::Present(Entry {
             finished: Some(existing),
             ..
         }) => (MalformedAnswer::Finished(Box::new(existing)), None),
         Stored::Present(_) | Stored::Unreadable(_) => (MalformedAnswer::Pending, None),
+        // This process holds or held the job: its entry was lost, and the
+        // owner's outcome (or the one it published) is the answer.
+        Stored::Absent if evidence != Evidence::None => (MalformedAnswer::Pending, None),
         Stored::Absent => {
             let mut entry = Entry::new("", 0, Progress::default());
             entry.deliveries = 0;
@@ -647,12 +710,13 @@ impl Ledger {
         &self,
         job: &JobId,
         owner: &str,
+        fingerprint: Option<&str>,
         lease: Duration,
     ) -> Result<bool, LedgerError> {
-        let owner = owner.to_owned();
+        let (owner, fingerprint) = (owner.to_owned(), fingerprint.map(str::to_owned));
         let renewed = self
             .update(job, move |current| {
-                decide_renew(current, &owner, now_ms(), lease)
+                decide_renew(current, &owner, fingerprint.as_deref(), now_ms(), lease)
             })
             .await?;
         if renewed == Some(Written::Recreated) {
@@ -668,13 +732,23 @@ impl Ledger {
         &self,
         job: &JobId,
         owner: &str,
+        fingerprint: Option<&str>,
         progress: &Progress,
         lease: Duration,
     ) -> Result<Written, LedgerError> {
         let (job_id, owner, progress) = (job.to_string(), owner.to_owned(), progress.clone());
+        let fingerprint = fingerprint.map(str::to_owned);
         let written = self
             .update(job, move |current| {
-                decide_checkpoint(current, &job_id, &owner, &progress, now_ms(), lease)
+                decide_checkpoint(
+                    current,
+                    &job_id,
+                    &owner,
+                    fingerprint.as_deref(),
+                    &progress,
+                    now_ms(),
+                    lease,
+                )
             })
             .await??;
         if written == Written::Recreated {
@@ -690,12 +764,14 @@ impl Ledger {
         &self,
         job: &JobId,
         owner: &str,
+        fingerprint: Option<&str>,
         finished: &Finished,
     ) -> Result<(Finished, Written), LedgerError> {
         let (job_id, owner, finished) = (job.to_string(), owner.to_owned(), finished.clone());
+        let fingerprint = fingerprint.map(str::to_owned);
         let kept = self
             .update(job, move |current| {
-                decide_finish(current, &job_id, &owner, &finished)
+                decide_finish(current, &job_id, &owner, fingerprint.as_deref(), &finished)
             })
             .await??;
         if kept.1 == Written::Recreated {
@@ -710,12 +786,14 @@ impl Ledger {
         &self,
         job: &JobId,
         owner: &str,
+        fingerprint: Option<&str>,
         progress: Option<&Progress>,
     ) -> Result<(), LedgerError> {
         let (owner, progress) = (owner.to_owned(), progress.cloned());
+        let fingerprint = fingerprint.map(str::to_owned);
         let written = self
             .update(job, move |current| {
-                decide_release(current, &owner, progress.as_ref())
+                decide_release(current, &owner, fingerprint.as_deref(), progress.as_ref())
             })
             .await?;
         if written == Written::Recreated {
@@ -728,6 +806,7 @@ impl Ledger {
     pub async fn settle_malformed(
         &self,
         job: &JobId,
+        evidence: Evidence,
         failure: &Finished,
     ) -> Result<MalformedAnswer, LedgerError> {
         let job_id = job.to_string();
@@ -736,7 +815,7 @@ impl Ledger {
             if let Stored::Unreadable(reason) = &current {
                 report_loss(&job_id, "malformed copy", Some(reason));
             }
-            decide_malformed(current, &failure)
+            decide_malformed(current, evidence, &failure)
         })
         .await
     }
@@ -863,7 +942,7 @@ mod tests {
         // The first delivery claimed without a marker (its call would have had
         // to wait), then was handed back before calling: deliveries is 1 again.
         let (_, entry) = decide(None, "a", 1_000, None);
-        let (_, released) = decide_release(entry.into(), "a", Some(&Progress::default()));
+        let (_, released) = decide_release(entry.into(), "a", None, Some(&Progress::default()));
         let (claim, write) = decide(released, "b", 2_000, Some(&marker()));
         assert!(matches!(
             claim,
@@ -885,7 +964,7 @@ mod tests {
         let (_, entry) = decide(None, "a", 1_000, None);
         let mut entry = entry.unwrap();
         entry.progress.attempts = 1;
-        let (_, released) = decide_release(Stored::Present(entry), "a", None);
+        let (_, released) = decide_release(Stored::Present(entry), "a", None, None);
         let (claim, write) = decide(released, "b", 2_000, Some(&marker()));
         let Claim::Owned {
             progress, marked, ..
@@ -901,8 +980,8 @@ mod tests {
     #[test]
     fn a_renewal_arriving_after_a_release_does_not_revive_the_lease() {
         let (_, entry) = decide(None, "a", 1_000, None);
-        let (_, released) = decide_release(entry.into(), "a", None);
-        let (renewed, write) = decide_renew(released.clone().into(), "a", 2_000, LEASE);
+        let (_, released) = decide_release(entry.into(), "a", None, None);
+        let (renewed, write) = decide_renew(released.clone().into(), "a", None, 2_000, LEASE);
         assert!(
             renewed.is_none() && write.is_none(),
             "the released delivery owns nothing"
@@ -926,6 +1005,7 @@ mod tests {
         let (_, released) = decide_release(
             Stored::Present(entry.clone()),
             "a",
+            None,
             Some(&Progress::default()),
         );
         let released = released.unwrap();
@@ -934,7 +1014,7 @@ mod tests {
             "stopped before its call"
         );
         assert_eq!((released.lease_until_ms, released.deliveries), (0, 0));
-        let (_, kept) = decide_release(Stored::Present(entry), "a", None);
+        let (_, kept) = decide_release(Stored::Present(entry), "a", None, None);
         assert_eq!(
             kept.unwrap().progress.in_flight,
             vec![0],
@@ -977,21 +1057,37 @@ mod tests {
             (
                 "claimed here recently",
                 Stored::Absent,
-                Evidence::Seen,
+                Evidence::Seen {
+                    same_body: true,
+                    answered: false,
+                },
                 Some(true),
             ),
-            ("held here now", Stored::Absent, Evidence::HeldHere, None),
+            (
+                "held here now",
+                Stored::Absent,
+                Evidence::HeldHere { same_body: true },
+                None,
+            ),
             (
                 "unreadable, first sight",
                 unreadable(),
                 Evidence::None,
                 Some(true),
             ),
-            ("unreadable, seen", unreadable(), Evidence::Seen, Some(true)),
+            (
+                "unreadable, seen",
+                unreadable(),
+                Evidence::Seen {
+                    same_body: true,
+                    answered: false,
+                },
+                Some(true),
+            ),
             (
                 "unreadable, held here",
                 unreadable(),
-                Evidence::HeldHere,
+                Evidence::HeldHere { same_body: true },
                 Some(true),
             ),
         ];
@@ -1061,18 +1157,19 @@ mod tests {
         let finished = outcome(JobStatus::Succeeded);
         let lost = || [Stored::Absent, Stored::Unreadable("bad".to_owned())];
         for current in lost() {
-            let (answer, write) = decide_checkpoint(current, "j", "a", &progress, 2_000, LEASE);
+            let (answer, write) =
+                decide_checkpoint(current, "j", "a", None, &progress, 2_000, LEASE);
             assert_eq!(answer.unwrap(), Written::Recreated);
             let write = write.unwrap();
             assert_eq!((write.owner.as_str(), &write.progress), ("a", &progress));
         }
         for current in lost() {
-            let (answer, write) = decide_finish(current, "j", "a", &finished);
+            let (answer, write) = decide_finish(current, "j", "a", None, &finished);
             assert_eq!(answer.unwrap(), (finished.clone(), Written::Recreated));
             assert_eq!(write.unwrap().finished, Some(finished.clone()));
         }
         for current in lost() {
-            let (answer, write) = decide_renew(current, "a", 2_000, LEASE);
+            let (answer, write) = decide_renew(current, "a", None, 2_000, LEASE);
             assert_eq!(answer, Some(Written::Recreated));
             assert!(write.unwrap().lost, "mid-call: what was sent is unknown");
         }
@@ -1080,19 +1177,20 @@ mod tests {
             Stored::Present(entry.clone()),
             "j",
             "b",
+            None,
             &progress,
             2_000,
             LEASE,
         );
         assert!(matches!(answer, Err(LedgerError::LeaseLost { .. })));
-        let (answer, _) = decide_finish(Stored::Present(entry), "j", "b", &finished);
+        let (answer, _) = decide_finish(Stored::Present(entry), "j", "b", None, &finished);
         assert!(matches!(answer, Err(LedgerError::LeaseLost { .. })));
     }
 
     #[test]
     fn a_malformed_copy_gets_the_jobs_one_answer() {
         let failure = outcome(JobStatus::Failed);
-        let (answer, write) = decide_malformed(Stored::Absent, &failure);
+        let (answer, write) = decide_malformed(Stored::Absent, Evidence::None, &failure);
         assert_eq!(answer, MalformedAnswer::Stored);
         let stored = write.unwrap();
         let (later, _) = decide(Some(stored), "b", 2_000, None);
@@ -1103,14 +1201,14 @@ mod tests {
         );
 
         let (_, mut running) = decide(None, "a", 1_000, None);
-        let (answer, write) = decide_malformed(running.clone().into(), &failure);
+        let (answer, write) = decide_malformed(running.clone().into(), Evidence::None, &failure);
         assert_eq!(answer, MalformedAnswer::Pending);
         assert!(write.is_none());
         let succeeded = outcome(JobStatus::Succeeded);
         if let Some(entry) = running.as_mut() {
             entry.finished = Some(succeeded.clone());
         }
-        let (answer, write) = decide_malformed(running.into(), &failure);
+        let (answer, write) = decide_malformed(running.into(), Evidence::None, &failure);
         assert_eq!(answer, MalformedAnswer::Finished(Box::new(succeeded)));
         assert!(write.is_none());
     }

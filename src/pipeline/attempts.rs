@@ -103,6 +103,7 @@ impl Marker<'_> {
             .checkpoint(
                 &self.state.job.ledger_key,
                 self.owner,
+                Some(&self.state.job.fingerprint),
                 &progress,
                 self.pipeline.policy.lease,
             )
@@ -304,7 +305,13 @@ impl Pipeline {
         let progress = state.progress(&[]);
         match self
             .ledger
-            .checkpoint(&state.job.ledger_key, owner, &progress, self.policy.lease)
+            .checkpoint(
+                &state.job.ledger_key,
+                owner,
+                Some(&state.job.fingerprint),
+                &progress,
+                self.policy.lease,
+            )
             .await
         {
             Ok(Written::Kept) => {}

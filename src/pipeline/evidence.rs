@@ -9,22 +9,32 @@
 //! set of hashes of recently claimed keys.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::job::JobId;
 use crate::ledger::Evidence;
 
-/// Recently claimed keys remembered (8 bytes each, twice): ~0.5 MB at most.
+/// Recently claimed keys remembered (about 32 bytes each): ~0.5 MB at most.
 const RECENT: usize = 16_384;
+
+/// What is remembered of a recently claimed key.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    /// Hash of the body's fingerprint, so a copy with another body is told apart
+    /// even when the ledger lost the fingerprint with the entry.
+    body: u64,
+    /// Whether this process published the job's answer.
+    answered: bool,
+}
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Key hash -> deliveries of this process holding it now.
-    held: HashMap<u64, u32>,
-    /// Hashes of keys claimed recently, and their order for eviction.
-    recent: HashSet<u64>,
+    /// Key hash -> deliveries of this process holding it now, and their body.
+    held: HashMap<u64, (u32, u64)>,
+    /// Keys claimed recently, and their order for eviction.
+    recent: HashMap<u64, Memory>,
     order: VecDeque<u64>,
 }
 
@@ -41,9 +51,9 @@ pub(crate) struct SeenHold {
     key: u64,
 }
 
-fn key_hash(key: &JobId) -> u64 {
+fn hash(text: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
-    key.as_str().hash(&mut hasher);
+    text.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -53,26 +63,40 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl Seen {
-    /// What an absent entry of `key` means to this process now.
-    pub(crate) fn evidence(&self, key: &JobId) -> Evidence {
-        let hash = key_hash(key);
+    /// What an absent entry of `key` means to this process now, for a copy
+    /// whose body has `fingerprint` (`None`: a body that could not be read,
+    /// which is never taken for another job's).
+    pub(crate) fn evidence(&self, key: &JobId, fingerprint: Option<&str>) -> Evidence {
+        let key = hash(key.as_str());
+        let same = |body: u64| fingerprint.is_none_or(|f| hash(f) == body);
         let inner = lock(&self.inner);
-        if inner.held.contains_key(&hash) {
-            Evidence::HeldHere
-        } else if inner.recent.contains(&hash) {
-            Evidence::Seen
+        if let Some(&(_, body)) = inner.held.get(&key) {
+            Evidence::HeldHere {
+                same_body: same(body),
+            }
+        } else if let Some(memory) = inner.recent.get(&key) {
+            Evidence::Seen {
+                same_body: same(memory.body),
+                answered: memory.answered,
+            }
         } else {
             Evidence::None
         }
     }
 
-    /// Records that a delivery of this process owns `key` until the hold drops.
-    pub(crate) fn hold(&self, key: &JobId) -> SeenHold {
-        let hash = key_hash(key);
+    /// Records that a delivery of this process owns `key`, with the body of
+    /// `fingerprint`, until the hold drops.
+    pub(crate) fn hold(&self, key: &JobId, fingerprint: &str) -> SeenHold {
+        let key = hash(key.as_str());
+        let body = hash(fingerprint);
         let mut inner = lock(&self.inner);
-        *inner.held.entry(hash).or_insert(0) += 1;
-        if inner.recent.insert(hash) {
-            inner.order.push_back(hash);
+        inner.held.entry(key).or_insert((0, body)).0 += 1;
+        let fresh = Memory {
+            body,
+            answered: false,
+        };
+        if inner.recent.insert(key, fresh).is_none() {
+            inner.order.push_back(key);
             if inner.order.len() > RECENT {
                 if let Some(old) = inner.order.pop_front() {
                     inner.recent.remove(&old);
@@ -81,7 +105,17 @@ impl Seen {
         }
         SeenHold {
             inner: self.inner.clone(),
-            key: hash,
+            key,
+        }
+    }
+}
+
+impl SeenHold {
+    /// The job's outcome is stored and about to be published: should the
+    /// ledger lose it, a later copy must get no second, different answer.
+    pub(crate) fn answered(&self) {
+        if let Some(memory) = lock(&self.inner).recent.get_mut(&self.key) {
+            memory.answered = true;
         }
     }
 }
@@ -89,7 +123,7 @@ impl Seen {
 impl Drop for SeenHold {
     fn drop(&mut self) {
         let mut inner = lock(&self.inner);
-        if let Some(count) = inner.held.get_mut(&self.key) {
+        if let Some((count, _)) = inner.held.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
                 inner.held.remove(&self.key);
@@ -103,19 +137,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_held_job_is_held_here_then_seen_and_forgotten_past_the_cap() {
+    fn a_held_job_is_held_here_then_seen_with_its_body_and_answer_and_forgotten_past_the_cap() {
         let seen = Seen::default();
         let job = JobId::parse("j").unwrap();
-        assert_eq!(seen.evidence(&job), Evidence::None);
-        let hold = seen.hold(&job);
-        assert_eq!(seen.evidence(&job), Evidence::HeldHere);
+        assert_eq!(seen.evidence(&job, Some("f1")), Evidence::None);
+        let hold = seen.hold(&job, "f1");
+        assert_eq!(
+            seen.evidence(&job, Some("f1")),
+            Evidence::HeldHere { same_body: true }
+        );
+        assert_eq!(
+            seen.evidence(&job, Some("f2")),
+            Evidence::HeldHere { same_body: false }
+        );
+        hold.answered();
         drop(hold);
-        assert_eq!(seen.evidence(&job), Evidence::Seen);
+        assert_eq!(
+            seen.evidence(&job, Some("f1")),
+            Evidence::Seen {
+                same_body: true,
+                answered: true
+            }
+        );
+        assert_eq!(
+            seen.evidence(&job, None),
+            Evidence::Seen {
+                same_body: true,
+                answered: true
+            },
+            "an unreadable body is never taken for another"
+        );
         for i in 0..RECENT {
-            drop(seen.hold(&JobId::parse(&format!("other-{i}")).unwrap()));
+            drop(seen.hold(&JobId::parse(&format!("other-{i}")).unwrap(), "f"));
         }
         assert_eq!(
-            seen.evidence(&job),
+            seen.evidence(&job, Some("f1")),
             Evidence::None,
             "memory stays bounded: the oldest key is forgotten"
         );

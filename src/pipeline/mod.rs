@@ -231,7 +231,10 @@ impl Pipeline {
         };
         let mut wait = Duration::from_millis(50);
         loop {
-            match self.ledger.settle_malformed(&key, &failure).await {
+            // A job this process holds or held lost its entry: it has an owner's
+            // answer, which a malformed copy must not replace.
+            let evidence = self.seen.evidence(&key, None);
+            match self.ledger.settle_malformed(&key, evidence, &failure).await {
                 Ok(answer) => {
                     self.metrics.ledger_ok();
                     let result = match answer {
@@ -285,6 +288,7 @@ impl Pipeline {
         {
             Err(_) => return Outcome::HandBack,
             Ok(Claimed::Conflict) => return self.conflict(&job, body),
+            Ok(Claimed::Forgotten) => return self.forgotten(&job, body),
             Ok(Claimed::Done(finished)) => {
                 info!("already finished: publishing its stored outcome again without calling the vendor");
                 self.metrics.ledger_duplicate();
@@ -301,7 +305,7 @@ impl Pipeline {
         };
         // Until this job's outcome is stored or it is handed back, and a while
         // after: an absent entry of it is then ledger loss, not a new job.
-        let _seen = self.seen.hold(&job.ledger_key);
+        let seen = self.seen.hold(&job.ledger_key, &job.fingerprint);
         if lost {
             self.metrics.ledger_lost();
         }
@@ -314,7 +318,9 @@ impl Pipeline {
             );
         }
         // Released when dropped, so a panic cannot leave the lease renewed forever.
-        let renewal = self.leases.hold(&state.job.ledger_key, &owner);
+        let renewal = self
+            .leases
+            .hold(&state.job.ledger_key, &owner, &state.job.fingerprint);
         let outcome = if deliveries > self.policy.max_deliveries {
             warn!(
                 deliveries,
@@ -359,7 +365,12 @@ impl Pipeline {
             let exact = stop.untouched.then(|| state.progress(&[]));
             let _ = self
                 .ledger
-                .release(&state.job.ledger_key, &owner, exact.as_ref())
+                .release(
+                    &state.job.ledger_key,
+                    &owner,
+                    Some(&state.job.fingerprint),
+                    exact.as_ref(),
+                )
                 .await;
             return Outcome::HandBack;
         }
@@ -384,17 +395,17 @@ impl Pipeline {
             };
             // The outcome is published only once it is stored: a later copy of
             // the job must find it, or it would publish a different result.
-            return match self
-                .store_outcome(&state.job.ledger_key, &owner, &stored)
-                .await
-            {
-                Some(kept) => Outcome::Finished {
-                    dead_letter: kept
-                        .dead_letter
-                        .as_ref()
-                        .map(|d| d.to_letter(&kept.result.job_id)),
-                    result: Some(kept.result),
-                },
+            return match self.store_outcome(&state.job, &owner, &stored).await {
+                Some(kept) => {
+                    seen.answered();
+                    Outcome::Finished {
+                        dead_letter: kept
+                            .dead_letter
+                            .as_ref()
+                            .map(|d| d.to_letter(&kept.result.job_id)),
+                        result: Some(kept.result),
+                    }
+                }
                 None => Outcome::HandBack,
             };
         }
@@ -424,16 +435,40 @@ impl Pipeline {
         }
     }
 
+    /// A copy of a job this process answered, whose stored outcome the ledger
+    /// lost (evicted, expired, flushed): nothing is sent, since all of it may
+    /// be applied, and no second result is published, since it could differ
+    /// from the first. The copy is dead-lettered for the operator to reconcile.
+    fn forgotten(&self, job: &Job, body: &[u8]) -> Outcome {
+        error!("a copy of a job this worker already answered, whose stored outcome the ledger lost: dead-lettered as err_outcome_unknown, nothing sent");
+        self.metrics.ledger_lost();
+        self.metrics.dead_lettered("err_outcome_unknown");
+        Outcome::Finished {
+            result: None,
+            dead_letter: Some(DeadLetter {
+                body: body.to_vec(),
+                error_code: "err_outcome_unknown".to_owned(),
+                error_message: format!(
+                    "jobId {} was already answered, but the ledger lost its stored outcome (Redis restarted without persistence, evicted or expired the entry); nothing was sent again and the first result stands: check the accounts at the vendor before replaying this message, and check the ledger's persistence settings",
+                    job.id
+                ),
+                attempts: 0,
+                job_id: Some(job.id.to_string()),
+                outcome_id: None,
+                run_replay_id: None,
+            }),
+        }
+    }
+
     /// Stores the outcome, retrying a failing ledger briefly; returns the outcome
     /// to publish (an earlier stored one wins), or `None` to hand the job back.
-    async fn store_outcome(
-        &self,
-        key: &crate::job::JobId,
-        owner: &str,
-        outcome: &Finished,
-    ) -> Option<Finished> {
+    async fn store_outcome(&self, job: &Job, owner: &str, outcome: &Finished) -> Option<Finished> {
         for wait_ms in [100, 500, 2000, 0] {
-            match self.ledger.finish(key, owner, outcome).await {
+            let stored = self
+                .ledger
+                .finish(&job.ledger_key, owner, Some(&job.fingerprint), outcome)
+                .await;
+            match stored {
                 Ok((kept, written)) => {
                     self.metrics.ledger_ok();
                     if written == Written::Recreated {
@@ -494,7 +529,7 @@ impl Pipeline {
         loop {
             // Read again every try: a delivery of this process holding the job
             // may have finished meanwhile.
-            let evidence = self.seen.evidence(&job.ledger_key);
+            let evidence = self.seen.evidence(&job.ledger_key, Some(&job.fingerprint));
             let claimed = self
                 .ledger
                 .claim_job(
@@ -528,6 +563,7 @@ impl Pipeline {
                 }
                 Ok(Claim::Done(finished)) => return Ok(Claimed::Done(finished)),
                 Ok(Claim::Conflict) => return Ok(Claimed::Conflict),
+                Ok(Claim::Forgotten) => return Ok(Claimed::Forgotten),
                 Err(e) => {
                     self.metrics.ledger_failed(e.to_string());
                     error!(error = %e, "ledger unavailable; the job waits");
@@ -560,6 +596,8 @@ enum Claimed {
     Done(Box<Finished>),
     /// The `jobId` is known with a different body.
     Conflict,
+    /// This process answered the job and the ledger lost that answer.
+    Forgotten,
 }
 
 fn finished(state: &JobState) -> Outcome {
@@ -594,7 +632,7 @@ fn finished(state: &JobState) -> Outcome {
 }
 
 fn malformed_outcome(body: &[u8], malformed: &Malformed) -> Outcome {
-    warn!(job_id = malformed.job_id.as_ref().map(|id| id.as_str()), reason = %malformed.reason, "malformed job dead-lettered");
+    warn!(job_id = malformed.job_id.as_ref().map(|id| id.as_str()), reason = %malformed.logged_reason(), "malformed job dead-lettered");
     let error = ItemError::permanent("err_job_malformed", malformed.reason.clone());
     let result = malformed.job_id.as_ref().map(|id| JobResult {
         job_id: id.to_string(),

@@ -45,7 +45,9 @@ pub(super) fn body_error(error: reqwest::Error) -> VendorError {
     }
 }
 
-/// The error and its causes on one line (reqwest's own text hides the cause).
+/// The error and its causes on one line (reqwest's own text hides the cause),
+/// with the userinfo of any URL in it hidden: the text reaches results,
+/// `x-error-message` and logs.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -54,7 +56,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text
+    crate::telemetry::redact::url_userinfo(&text).into_owned()
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
