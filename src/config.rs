@@ -413,7 +413,7 @@ impl Settings {
                 "must not be shorter than RETRY_INITIAL_DELAY",
             ));
         }
-        Ok(Self {
+        let settings = Self {
             broker,
             mimecast: parse_mimecast(&raw)?,
             pncp: parse_pncp(&raw)?,
@@ -457,9 +457,39 @@ impl Settings {
                     }
                 },
             },
-        })
+        };
+        settings.check_retention()?;
+        Ok(settings)
+    }
+
+    /// The longest a job can live while its entry matters, and so the least
+    /// `LEDGER_RETENTION` may be: an entry that expires while a copy of its
+    /// job can still arrive turns that copy into a new job, applied again.
+    pub fn job_lifetime(&self) -> Duration {
+        self.ledger.lease + self.vendor_timeout * self.retry.max_attempts.get()
+    }
+
+    fn check_retention(&self) -> Result<(), ConfigError> {
+        let least = self.job_lifetime() * RETENTION_MULTIPLE;
+        if self.ledger.retention < least {
+            return Err(invalid(
+                "LEDGER_RETENTION",
+                format!(
+                    "{} is shorter than {RETENTION_MULTIPLE} x (LEDGER_LEASE + VENDOR_TIMEOUT x RETRY_MAX_ATTEMPTS) = {}: an entry could expire while a copy of its job is still on its way, and that copy would be applied again; set LEDGER_RETENTION to at least {} (the default is 7d)",
+                    humantime::format_duration(self.ledger.retention),
+                    humantime::format_duration(least),
+                    humantime::format_duration(least),
+                ),
+            ));
+        }
+        Ok(())
     }
 }
+
+/// How many job lifetimes (see [`Settings::job_lifetime`]) a ledger entry is
+/// kept at least: redeliveries, replays and producer retries arrive well after
+/// a job's own last call.
+const RETENTION_MULTIPLE: u32 = 10;
 
 fn non_empty(value: &str) -> Option<&str> {
     let value = value.trim();
@@ -554,11 +584,18 @@ fn parse_rate(setting: &'static str, text: &str) -> Result<Option<RateLimit>, Co
     }
 }
 
+/// A vendor's API root. Any `user:password@` in it is dropped here: the vendors
+/// authenticate by signature only, the HTTP client would otherwise send it as a
+/// second, conflicting `Authorization: Basic` header, and a URL that carries no
+/// credentials cannot leak them into an error, a result or a log line.
 fn parse_base_url(setting: &'static str, text: &str) -> Result<Url, ConfigError> {
-    let url = Url::parse(text).map_err(|e| {
+    let mut url = Url::parse(text).map_err(|e| {
         invalid(
             setting,
-            format!("{text:?} is not a URL ({e}); expected e.g. https://eu-api.mimecast.com"),
+            format!(
+                "{} is not a URL ({e}); expected e.g. https://eu-api.mimecast.com",
+                crate::telemetry::redact::url_userinfo(&format!("{text:?}"))
+            ),
         )
     })?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -567,6 +604,9 @@ fn parse_base_url(setting: &'static str, text: &str) -> Result<Url, ConfigError>
             "must start with https:// (or http:// for a local mock)",
         ));
     }
+    // Cannot fail: an http(s) URL has a host.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
     Ok(url)
 }
 
@@ -575,9 +615,12 @@ fn required_secret(
     value: &str,
     because: &str,
 ) -> Result<SecretString, ConfigError> {
-    non_empty(value)
-        .map(|v| SecretString::from(v.to_owned()))
-        .ok_or_else(|| invalid(setting, format!("is required when {because} is set")))
+    // Every credential goes into a request header or the signed text of one:
+    // a control character (a pasted line break) would make every call fail in
+    // the client, so it is refused here, without echoing the value.
+    let value = non_empty(value)
+        .ok_or_else(|| invalid(setting, format!("is required when {because} is set")))?;
+    header_safe(setting, value.to_owned()).map(SecretString::from)
 }
 
 fn parse_mimecast(raw: &RawSettings) -> Result<Option<MimecastSettings>, ConfigError> {
@@ -612,7 +655,8 @@ fn parse_mimecast(raw: &RawSettings) -> Result<Option<MimecastSettings>, ConfigE
                     "MIMECAST_APP_ID",
                     "is required when MIMECAST_BASE_URL is set",
                 )
-            })?,
+            })
+            .and_then(|id| header_safe("MIMECAST_APP_ID", id))?,
         app_key: required_secret("MIMECAST_APP_KEY", &raw.mimecast_app_key, because)?,
         rate_limit,
         batch_max,
@@ -623,8 +667,8 @@ fn parse_mimecast(raw: &RawSettings) -> Result<Option<MimecastSettings>, ConfigE
 fn parse_pncp(raw: &RawSettings) -> Result<Option<PncpSettings>, ConfigError> {
     let rate_limit = parse_rate("PNCP_RATE_LIMIT", &raw.pncp_rate_limit)?;
     let media_type = non_empty(&raw.pncp_media_type)
-        .ok_or_else(|| invalid("PNCP_MEDIA_TYPE", "must not be empty"))?
-        .to_owned();
+        .ok_or_else(|| invalid("PNCP_MEDIA_TYPE", "must not be empty"))
+        .and_then(|media_type| header_safe("PNCP_MEDIA_TYPE", media_type.to_owned()))?;
     let Some(base) = non_empty(&raw.pncp_base_url) else {
         return Ok(None);
     };
@@ -640,6 +684,19 @@ fn parse_pncp(raw: &RawSettings) -> Result<Option<PncpSettings>, ConfigError> {
         media_type,
         rate_limit,
     }))
+}
+
+/// A setting sent as an HTTP header value: one that no request could carry
+/// (a control character, a line break) is refused here, at start-up, instead of
+/// failing every call in the client.
+fn header_safe(setting: &'static str, value: String) -> Result<String, ConfigError> {
+    match reqwest::header::HeaderValue::from_str(&value) {
+        Ok(_) => Ok(value),
+        Err(_) => Err(invalid(
+            setting,
+            "contains a control character or line break, which no HTTP header can carry; set it to the plain value the vendor issued",
+        )),
+    }
 }
 
 fn parse_ledger_url(text: &str) -> Result<LedgerLocation, ConfigError> {
@@ -686,6 +743,44 @@ mod tests {
             ConfigError::Invalid { setting, .. } => setting,
             ConfigError::File(message) => panic!("expected an invalid setting, got {message}"),
         }
+    }
+
+    #[test]
+    fn a_retention_shorter_than_a_job_can_live_is_refused() {
+        let error = load(&[("LEDGER_RETENTION", "300ms")]).unwrap_err();
+        assert_eq!(setting_of(error), "LEDGER_RETENTION");
+        // 10 x (30s + 30s x 8) = 45 min with the defaults.
+        assert!(load(&[("LEDGER_RETENTION", "44min")]).is_err());
+        assert!(load(&[("LEDGER_RETENTION", "45min")]).is_ok());
+        let short_jobs = [
+            ("LEDGER_RETENTION", "1min"),
+            ("LEDGER_LEASE", "1s"),
+            ("VENDOR_TIMEOUT", "1s"),
+            ("RETRY_MAX_ATTEMPTS", "2"),
+        ];
+        assert!(load(&short_jobs).is_ok(), "30s of job life needs 30s");
+    }
+
+    #[test]
+    fn a_header_setting_no_request_could_carry_is_refused_at_start_up() {
+        let mimecast = [
+            ("MIMECAST_BASE_URL", "https://eu-api.mimecast.com"),
+            ("MIMECAST_ACCESS_KEY", "ak"),
+            ("MIMECAST_SECRET_KEY", "c2VjcmV0"),
+            ("MIMECAST_APP_KEY", "key"),
+        ];
+        let with = |name, value| {
+            let mut vars = mimecast.to_vec();
+            vars.push((name, value));
+            load(&vars)
+        };
+        assert!(with("MIMECAST_APP_ID", "app-1").is_ok());
+        for bad in ["app\n1", "app\r\nX-Evil: 1", "app\u{7f}"] {
+            let error = with("MIMECAST_APP_ID", bad).unwrap_err();
+            assert_eq!(setting_of(error), "MIMECAST_APP_ID", "{bad:?}");
+        }
+        let error = load(&[("PNCP_MEDIA_TYPE", "application/json\u{1}")]).unwrap_err();
+        assert_eq!(setting_of(error), "PNCP_MEDIA_TYPE");
     }
 
     #[test]
@@ -831,6 +926,30 @@ mod tests {
             redact_url("amqp://user:hunter2@host:5672/%2f"),
             "amqp://user:***@host:5672/%2f"
         );
+    }
+
+    #[test]
+    fn a_vendor_base_urls_credentials_are_dropped_and_never_echoed() {
+        let settings = load(&[
+            ("PNCP_BASE_URL", "http://puser:hunter2@127.0.0.1:8080/pncp"),
+            ("PNCP_APPLICATION_KEY", "k"),
+            ("PNCP_SHARED_SECRET", "s"),
+        ])
+        .unwrap();
+        let url = &settings.pncp.unwrap().base_url;
+        assert_eq!(url.as_str(), "http://127.0.0.1:8080/pncp");
+        let error = load(&[
+            (
+                "PNCP_BASE_URL",
+                "http://puser:hunter2@127.0.0.1:notaport/pncp",
+            ),
+            ("PNCP_APPLICATION_KEY", "k"),
+            ("PNCP_SHARED_SECRET", "s"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("PNCP_BASE_URL"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
     }
 
     #[test]

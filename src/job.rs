@@ -10,7 +10,14 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod replay;
 mod validate;
+
+pub use replay::{
+    OutcomeId, ReplayClaim, OUTCOME_ID_HEADER, REPLAY_ID_HEADER, REPLAY_ORIGIN_HEADER,
+    RUN_REPLAY_ID_HEADER,
+};
+pub use validate::{MIMECAST_FIELDS, PNCP_FIELDS};
 
 /// Largest message body accepted; a real job of 100 items is far below it.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -70,10 +77,13 @@ impl JobId {
         Ok(Self(value.to_owned()))
     }
 
-    /// The ledger key of a replay of this job: a replayed dead letter is a new
-    /// attempt at the change, so it must not find the original's outcome.
-    pub fn replayed(&self, replay_id: &str) -> Self {
-        Self(format!("{}#replay:{replay_id}", self.0))
+    /// The ledger key of the replay of this job's dead letter whose stored outcome
+    /// is `outcome`: a new attempt at the change, so it must not find the failed
+    /// outcome, and one key per dead letter, so every copy of it and every run of
+    /// `dlq replay` over it finds the first replay's outcome instead of applying
+    /// the change again.
+    pub fn replayed(&self, outcome: &OutcomeId) -> Self {
+        Self(format!("{}#replay:{outcome}", self.0))
     }
 
     /// The id as text.
@@ -124,12 +134,29 @@ pub struct Job {
     /// The key of this job in the idempotency ledger: the id, or the id and a
     /// replay id when an operator replayed it from the dead-letter queue.
     pub ledger_key: JobId,
+    /// The replay id this run is under, when it replays a verified dead letter:
+    /// its own dead letters say so (`x-run-replay-id`), so they can be replayed
+    /// in turn.
+    pub replay: Option<OutcomeId>,
     /// Which vendor the items go to.
     pub vendor: VendorKind,
     /// Items that passed validation, in order.
     pub items: Vec<Item>,
     /// Items that failed validation, with their errors, in order.
     pub rejected: Vec<(usize, FailEntry)>,
+    /// SHA-256 (hex) of the canonical vendor and `data` (object keys sorted, no
+    /// whitespace): the ledger keeps the fingerprint of the body it accepted, so
+    /// a different body under a known `jobId` is a conflict, never resumed onto
+    /// another item's progress.
+    pub fingerprint: String,
+}
+
+impl Job {
+    /// Runs this job as the replay of the dead letter whose outcome id is `outcome`.
+    pub fn replay_as(&mut self, outcome: OutcomeId) {
+        self.ledger_key = self.id.replayed(&outcome);
+        self.replay = Some(outcome);
+    }
 }
 
 /// A message that is not a job at all; it is dead-lettered byte for byte.
@@ -141,6 +168,25 @@ pub struct Malformed {
     pub vendor: Option<String>,
     /// What is wrong, for `x-error-message`.
     pub reason: String,
+}
+
+/// Longest reason a log line carries: the full one, which may quote a field name
+/// or vendor string of any length, stays in the result and the dead letter.
+const MAX_LOGGED_REASON_BYTES: usize = 1024;
+
+impl Malformed {
+    /// The reason cut to [`MAX_LOGGED_REASON_BYTES`] (on a character boundary,
+    /// ending in `...[truncated]`), so a hostile message cannot make a huge log line.
+    pub fn logged_reason(&self) -> std::borrow::Cow<'_, str> {
+        if self.reason.len() <= MAX_LOGGED_REASON_BYTES {
+            return std::borrow::Cow::Borrowed(&self.reason);
+        }
+        let mut end = MAX_LOGGED_REASON_BYTES;
+        while !self.reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        std::borrow::Cow::Owned(format!("{}...[truncated]", &self.reason[..end]))
+    }
 }
 
 /// One error of one item, as Mimecast reports them.
@@ -240,6 +286,92 @@ impl JobResult {
     /// The first error code of the first failed item: the dead letter's `x-error-code`.
     pub fn first_error(&self) -> Option<&ItemError> {
         self.fail.first().and_then(|f| f.errors.first())
+    }
+}
+
+/// Deepest nesting of an invalid item echoed as JSON into a result, a dead
+/// letter and the ledger; deeper ones are echoed as (truncated) text. The
+/// ledger wraps an echoed item in a few levels of its own, and a stored outcome
+/// past serde_json's limit of 128 could never be read back.
+pub const MAX_ECHO_DEPTH: usize = 16;
+/// Longest text an over-deep echoed value is cut to.
+const MAX_ECHO_TEXT: usize = 4096;
+
+/// `value` as it may be echoed and stored: itself when at most
+/// [`MAX_ECHO_DEPTH`] levels deep, else its JSON text, cut to a bounded length.
+pub fn bounded_echo(value: Value) -> Value {
+    if depth(&value) <= MAX_ECHO_DEPTH {
+        return value;
+    }
+    let mut text = value.to_string();
+    if text.len() > MAX_ECHO_TEXT {
+        let mut cut = MAX_ECHO_TEXT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("…(truncated)");
+    }
+    Value::String(text)
+}
+
+/// Nesting depth of a JSON value (a scalar is 0). Bounded by the parser's own
+/// limit, so the recursion is too.
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The fingerprint of a job body (see [`Job::fingerprint`]).
+pub fn fingerprint(vendor: &str, data: &[Value]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut canonical = String::new();
+    write_canonical(&Value::String(vendor.to_owned()), &mut canonical);
+    canonical.push(',');
+    for item in data {
+        write_canonical(item, &mut canonical);
+        canonical.push(',');
+    }
+    Sha256::digest(canonical.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Compact JSON with object keys sorted: key order and whitespace never change
+/// a fingerprint.
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(fields) => {
+            let mut keys: Vec<&String> = fields.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                if let Some(field) = fields.get(key) {
+                    write_canonical(field, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
     }
 }
 

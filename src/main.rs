@@ -17,15 +17,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() {
     let cli = Cli::parse();
     if let Err(error) = run(cli).await {
-        // One line naming what went wrong, never a backtrace.
-        eprintln!("account-worker: {error:#}");
+        // One line naming what went wrong, never a backtrace, and never a URL's
+        // credentials (a crate's error may quote the URL it was given).
+        let line = format!("account-worker: {error:#}");
+        eprintln!("{}", account_worker::telemetry::redact::url_userinfo(&line));
         std::process::exit(1);
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(&settings.log);
+    telemetry::init(&settings.log, telemetry::Redactor::for_settings(&settings));
     match cli.command {
         Command::Run => {
             let stop = shutdown::on_signal();
@@ -96,8 +98,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchConsumer { baseline } => {
             bench::baselines::run(&settings, baseline, shutdown::on_signal()).await?;
         }
-        Command::MockVendor { listen, latency } => {
-            cli::mock::run(&settings, listen, latency, shutdown::on_signal()).await?;
+        Command::MockVendor {
+            listen,
+            latency,
+            faults,
+        } => {
+            let random = faults.random_faults();
+            cli::mock::run(&settings, listen, latency, random, shutdown::on_signal()).await?;
         }
     }
     Ok(())

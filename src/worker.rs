@@ -7,9 +7,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use tokio::task::JoinSet;
@@ -17,11 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::batcher::Batcher;
-use crate::broker::{self, BrokerError, Publisher};
+use crate::broker::{self, BrokerError, PublishFailures, Publisher};
 use crate::circuit::Circuits;
 use crate::config::Settings;
 use crate::health::Health;
-use crate::job::{Job, Malformed};
+use crate::job::{Job, Malformed, ReplayClaim};
 use crate::ledger::{Ledger, LedgerError};
 use crate::limiter::{LimiterError, Limiters};
 use crate::metrics::Metrics;
@@ -30,9 +28,13 @@ use crate::pipeline::{Batchers, LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
-/// Header `account-worker dlq replay` sets on a replayed message: its value gives
-/// the replay its own ledger entry, so the change is attempted again.
-pub const REPLAY_HEADER: &str = "x-replay-id";
+mod settle;
+
+/// Header `account-worker dlq replay` sets on a replayed message: the outcome id
+/// of the dead letter it replays, which gives the replay its own ledger entry
+/// (one per dead letter), so the change is attempted again, once. The worker
+/// believes it only when the ledger stored that dead letter.
+pub const REPLAY_HEADER: &str = crate::job::REPLAY_ID_HEADER;
 
 /// Why the worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,9 @@ pub struct Worker {
     circuits: Arc<Circuits>,
     pipeline: Arc<Pipeline>,
     health: Arc<Health>,
+    /// Finished jobs whose outcome the broker refused, so one it keeps refusing
+    /// is dead-lettered with the reason instead of looping through redeliveries.
+    publish_failures: Arc<PublishFailures>,
 }
 
 impl Worker {
@@ -121,6 +126,7 @@ impl Worker {
             circuits: circuits.clone(),
             pipeline,
             health: Arc::new(Health::new(circuits, metrics)),
+            publish_failures: Arc::new(PublishFailures::default()),
         })
     }
 
@@ -339,15 +345,17 @@ impl Worker {
             _ = stopping.cancelled() => false,
             _ = place.wait_turn() => true,
         };
-        let replay_id = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|headers| crate::broker::header_text(headers, REPLAY_HEADER));
+        let replay = delivery.properties.headers().as_ref().and_then(|headers| {
+            let header = |name| crate::broker::header_text(headers, name);
+            Some(ReplayClaim {
+                id: header(REPLAY_HEADER)?,
+                origin: header(crate::job::REPLAY_ORIGIN_HEADER),
+            })
+        });
         let processing = std::panic::AssertUnwindSafe(self.pipeline.process(
             &delivery.data,
             parsed,
-            replay_id.as_deref(),
+            replay.as_ref(),
             from.hold_until,
             stopping,
         ));
@@ -376,32 +384,8 @@ impl Worker {
                 result,
                 dead_letter,
             } => {
-                let publish_result = async {
-                    match &result {
-                        Some(result) => publisher.result(result).await,
-                        None => Ok(()),
-                    }
-                };
-                let publish_dead = async {
-                    match &dead_letter {
-                        Some(letter) => publisher.dead_letter(letter).await,
-                        None => Ok(()),
-                    }
-                };
-                match tokio::join!(publish_result, publish_dead) {
-                    (Ok(()), Ok(())) => delivery
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map(|_| ()),
-                    (Err(e), _) | (_, Err(e)) => {
-                        // Not acked: the session is reopened, the broker redelivers
-                        // the job, and the ledger's stored outcome is published again.
-                        error!(error = %e, job_id = result.as_ref().map(|r| r.job_id.as_str()), "job outcome not confirmed by the broker; reopening the broker session");
-                        broken.cancel();
-                        Ok(())
-                    }
-                }
+                self.settle_finished(&delivery, result, dead_letter, publisher, broken)
+                    .await
             }
         };
         if let Err(e) = settled {
@@ -477,8 +461,12 @@ pub fn prefetch(concurrency: usize) -> u16 {
 }
 
 /// How long a session must have consumed for its loss to count as a new
-/// outage rather than the same one going on.
-const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// outage rather than the same one going on. Long enough that a broker which
+/// cancels the consumer at once is retried with a growing wait, short enough
+/// that a broker closing working sessions every few seconds (a rolling
+/// restart, a load balancer's idle cut) is rejoined at once each time instead
+/// of after up to 30 s (the soak closes every connection every 5 s).
+const STABLE_SESSION: Duration = Duration::from_secs(3);
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()

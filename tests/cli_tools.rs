@@ -7,12 +7,18 @@ use std::process::Stdio;
 
 use account_worker::broker::header_text;
 use account_worker::config::QueueNames;
-use lapin::message::BasicGetMessage;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
+use account_worker::job::{JobResult, JobStatus, OutcomeId};
+use account_worker::mock_vendor::{Fault, Vendor};
+use futures_util::StreamExt;
+use lapin::message::{BasicGetMessage, Delivery};
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
+use serde_json::{json, Value};
 
-use common::{amqp_url, unique_queue, EVENT_TIMEOUT};
+use common::{amqp_url, unique_queue, TestApp, EVENT_TIMEOUT};
 
 /// What one run of the binary did.
 struct Run {
@@ -312,11 +318,19 @@ async fn replay_with_a_code_moves_only_those_dead_letters_and_leaves_the_rest_in
         "bodies byte for byte"
     );
     let mut replay_ids = Vec::new();
-    for (message, job_id) in replayed.iter().zip(["job-a", "job-c"]) {
+    for ((message, job_id), body) in replayed
+        .iter()
+        .zip(["job-a", "job-c"])
+        .zip([TIMEOUT_A, TIMEOUT_C])
+    {
         assert_eq!(header(message, "x-job-id").as_deref(), Some(job_id));
         let replay_id = header(message, "x-replay-id").expect("x-replay-id set");
-        let parsed = uuid::Uuid::parse_str(&replay_id).expect("x-replay-id is a UUID");
-        assert_eq!(parsed.get_version_num(), 4);
+        // These seeds carry no x-outcome-id: the id is derived from the dead letter.
+        assert_eq!(
+            replay_id,
+            OutcomeId::of_content(Some(job_id), None, body).as_str()
+        );
+        assert_eq!(header(message, "x-replay-origin"), None);
         replay_ids.push(replay_id);
         let properties = &message.delivery.properties;
         assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
@@ -602,7 +616,8 @@ async fn check_reports_vendors_and_prints_no_secret() {
     for shown in [
         "app-id-is-public",
         "http://127.0.0.1:9/mimecast",
-        "http://pncp-user:***@127.0.0.1:9/pncp",
+        // A base URL's credentials are dropped when the configuration is read.
+        "http://127.0.0.1:9/pncp (",
         "redis://:***@127.0.0.1:6379/0",
         "reachable",
     ] {
@@ -654,4 +669,263 @@ async fn help_says_what_replay_does_and_its_defaults() {
     for command in ["publish", "dlq", "check", "run"] {
         assert!(top.stdout.contains(command), "{}", top.stdout);
     }
+}
+
+#[tokio::test]
+async fn replay_names_every_copy_of_a_dead_letter_after_its_stored_outcome() {
+    let queues = DeadLetterQueues::open("cli_replay_names").await;
+    let (outcome, run) = (OutcomeId::new(), OutcomeId::new());
+    let mut headers = FieldTable::default();
+    let text = |value: &str| AMQPValue::LongString(LongString::from(value));
+    headers.insert("x-error-code".into(), text("err_http_400"));
+    headers.insert("x-job-id".into(), text("job-b"));
+    headers.insert("x-outcome-id".into(), text(outcome.as_str()));
+    headers.insert("x-run-replay-id".into(), text(run.as_str()));
+    for _ in 0..2 {
+        publish_with(
+            &queues.channel,
+            &queues.names.dead,
+            NOT_FOUND_B,
+            headers.clone(),
+        )
+        .await;
+    }
+
+    let run_output = account_worker(&queues.env(), &["dlq", "replay"]).await;
+
+    run_output.assert_ok();
+    let replayed = queues.take_all(&queues.names.jobs).await;
+    assert_eq!(bodies(&replayed), [NOT_FOUND_B, NOT_FOUND_B]);
+    for copy in &replayed {
+        assert_eq!(
+            header(copy, "x-replay-id").as_deref(),
+            Some(outcome.as_str()),
+            "both copies replay under the stored outcome's id"
+        );
+        assert_eq!(
+            header(copy, "x-replay-origin").as_deref(),
+            Some(run.as_str()),
+            "the replayed run the dead letter came from"
+        );
+    }
+    queues.delete().await;
+}
+
+/// Publishes `body` with `headers` to `queue`, confirmed.
+async fn publish_with(channel: &Channel, queue: &str, body: &[u8], headers: FieldTable) {
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "broker refused a test message");
+}
+
+/// Waits until `n` dead letters are in the dead-letter queue and returns them,
+/// leaving them in place (taken unacked on a channel of their own, which is then
+/// closed, so the broker puts them back in order).
+async fn await_dead_letters(app: &TestApp, n: usize) -> Vec<Delivery> {
+    let channel = app
+        .queues
+        .connection
+        .create_channel()
+        .await
+        .expect("channel");
+    let mut consumer = channel
+        .basic_consume(
+            app.queues.names.dead.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut letters = Vec::new();
+    while letters.len() < n {
+        let delivery = tokio::time::timeout(EVENT_TIMEOUT, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{n} dead letters not there within {EVENT_TIMEOUT:?}"))
+            .expect("consumer ended")
+            .expect("delivery");
+        letters.push(delivery);
+    }
+    channel
+        .close(200, "looked at".into())
+        .await
+        .expect("close hands them back");
+    letters
+}
+
+fn delivery_header(delivery: &Delivery, name: &str) -> Option<String> {
+    header_text(delivery.properties.headers().as_ref()?, name)
+}
+
+/// The environment `dlq replay` runs with against a test worker's queues.
+fn replay_env(app: &TestApp) -> Vec<(&str, &str)> {
+    vec![
+        ("AMQP_URL", app.env["AMQP_URL"].as_str()),
+        ("JOBS_QUEUE", app.env["JOBS_QUEUE"].as_str()),
+        ("RUST_LOG", "warn"),
+    ]
+}
+
+/// Runs `dlq replay` against the test worker's queues and checks it succeeded.
+async fn replay(app: &TestApp) -> Run {
+    let run = account_worker(&replay_env(app), &["dlq", "replay"]).await;
+    run.assert_ok();
+    run
+}
+
+/// A job adding users: applying it twice would add them twice.
+fn adding_job(job_id: &str, account: &str) -> Value {
+    json!({"jobId": job_id, "vendor": "mimecast",
+           "data": [{"accountCode": account, "numberOfUsers": 5}]})
+}
+
+async fn next_status(app: &mut TestApp) -> JobStatus {
+    app.queues.next_result().await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_dead_letter_replayed_apply_the_change_once() {
+    let mut app = TestApp::spawn("replay_copies").await;
+    app.mock
+        .push_fault(Vendor::Mimecast, Fault::Status { status: 400 });
+    let job = adding_job("rc-1", "RC");
+    app.queues.publish(&job).await;
+    assert_eq!(next_status(&mut app).await, JobStatus::Failed);
+    // The producer sends the job again: its stored outcome, dead letter included,
+    // is published again, so two copies of the dead letter wait.
+    app.queues.publish(&job).await;
+    assert_eq!(next_status(&mut app).await, JobStatus::Failed);
+    let copies = await_dead_letters(&app, 2).await;
+    assert_eq!(copies[0].data, copies[1].data);
+    let outcome = delivery_header(&copies[0], "x-outcome-id").expect("x-outcome-id set");
+    assert_eq!(
+        delivery_header(&copies[1], "x-outcome-id").as_deref(),
+        Some(outcome.as_str()),
+        "every copy names the same stored outcome"
+    );
+
+    // The cause is fixed (no fault any more); the operator replays both copies.
+    replay(&app).await;
+
+    assert_eq!(next_status(&mut app).await, JobStatus::Succeeded);
+    assert_eq!(next_status(&mut app).await, JobStatus::Succeeded);
+    assert_eq!(
+        app.mock.applied_count(Vendor::Mimecast, "RC"),
+        1,
+        "numberOfUsers added once"
+    );
+    assert_eq!(
+        app.mock.mimecast_account("RC").expect("account").user_count,
+        5
+    );
+    assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_again_after_a_run_killed_before_its_ack_is_applied_once() {
+    let mut app = TestApp::spawn("replay_again").await;
+    app.mock
+        .push_fault(Vendor::Mimecast, Fault::Status { status: 400 });
+    app.queues.publish(&adding_job("ra-1", "RA")).await;
+    assert_eq!(next_status(&mut app).await, JobStatus::Failed);
+    let letter = await_dead_letters(&app, 1).await.remove(0);
+
+    replay(&app).await;
+    let first: JobResult = app.queues.next_result().await;
+    assert_eq!(first.status, JobStatus::Succeeded);
+    // As if that run had been killed after its copy was confirmed and before the
+    // dead letter's ack: the same dead letter is still there, and replay runs again.
+    publish_with(
+        &app.queues.channel,
+        &app.queues.names.dead,
+        &letter.data,
+        letter.properties.headers().clone().unwrap_or_default(),
+    )
+    .await;
+    replay(&app).await;
+
+    let again = app.queues.next_result().await;
+    assert_eq!(again, first, "the first replay's outcome, published again");
+    assert_eq!(app.mock.applied_count(Vendor::Mimecast, "RA"), 1);
+    assert_eq!(
+        app.mock.requests().len(),
+        2,
+        "the failed call and one replay"
+    );
+    assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_setting_its_own_replay_id_gets_the_stored_outcome_and_nothing_is_sent() {
+    let mut app = TestApp::spawn("replay_forged").await;
+    let job = adding_job("rf-1", "RF");
+    app.queues.publish(&job).await;
+    let first = app.queues.next_result().await;
+    assert_eq!(first.status, JobStatus::Succeeded);
+
+    let body = serde_json::to_vec(&job).expect("json");
+    let own_ids = [
+        OutcomeId::new().to_string(),
+        "not an id dlq replay makes".to_owned(),
+    ];
+    for own_id in &own_ids {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-replay-id".into(),
+            AMQPValue::LongString(LongString::from(own_id.as_str())),
+        );
+        publish_with(&app.queues.channel, &app.queues.names.jobs, &body, headers).await;
+        let copy = app.queues.next_result().await;
+        assert_eq!(copy, first, "the stored outcome, published again");
+    }
+
+    assert_eq!(app.mock.applied_count(Vendor::Mimecast, "RF"), 1);
+    assert_eq!(app.mock.requests().len(), 1, "nothing sent for the copies");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_fails_again_is_a_new_dead_letter_replayed_once_after_the_next_fix() {
+    let mut app = TestApp::spawn("replay_chain").await;
+    for _ in 0..2 {
+        app.mock
+            .push_fault(Vendor::Mimecast, Fault::Status { status: 400 });
+    }
+    app.queues.publish(&adding_job("rh-1", "RH")).await;
+    assert_eq!(next_status(&mut app).await, JobStatus::Failed);
+    let first = await_dead_letters(&app, 1).await.remove(0);
+    let first_outcome = delivery_header(&first, "x-outcome-id").expect("x-outcome-id");
+
+    // Replayed before the cause is fixed: it fails again.
+    replay(&app).await;
+    assert_eq!(next_status(&mut app).await, JobStatus::Failed);
+    let second = await_dead_letters(&app, 1).await.remove(0);
+    let second_outcome = delivery_header(&second, "x-outcome-id").expect("x-outcome-id");
+    assert_ne!(second_outcome, first_outcome, "a new stored outcome");
+    assert_eq!(
+        delivery_header(&second, "x-run-replay-id").as_deref(),
+        Some(first_outcome.as_str()),
+        "it says which replay produced it"
+    );
+
+    replay(&app).await;
+    assert_eq!(next_status(&mut app).await, JobStatus::Succeeded);
+    replay(&app).await; // nothing left to replay
+    assert_eq!(app.mock.applied_count(Vendor::Mimecast, "RH"), 1);
+    assert_eq!(app.mock.requests().len(), 3);
+    app.finish().await;
 }

@@ -67,7 +67,7 @@ async fn metrics_after_a_run_count_what_happened() {
             1.0,
         ),
         (
-            "account_worker_jobs_total{vendor=\"acme\",outcome=\"malformed\"}",
+            "account_worker_jobs_total{vendor=\"other\",outcome=\"malformed\"}",
             1.0,
         ),
         ("account_worker_items_total{outcome=\"succeeded\"}", 3.0),

@@ -60,6 +60,25 @@ fn bad_configuration_exits_non_zero_with_one_line_naming_the_setting() {
             "MIMECAST_SECRET_KEY",
         ),
         (vec![("RETRY_MAX_DELAY", "forever")], "RETRY_MAX_DELAY"),
+        // Shorter than a job can live: its entry could expire mid-job.
+        (vec![("LEDGER_RETENTION", "300ms")], "LEDGER_RETENTION"),
+        // No request could carry it: every call would fail before leaving.
+        (
+            mimecast
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != "MIMECAST_APP_ID")
+                .chain([
+                    ("MIMECAST_SECRET_KEY", "c2VjcmV0"),
+                    ("MIMECAST_APP_ID", "app\nid"),
+                ])
+                .collect(),
+            "MIMECAST_APP_ID",
+        ),
+        (
+            vec![("PNCP_MEDIA_TYPE", "application/\u{1}json")],
+            "PNCP_MEDIA_TYPE",
+        ),
     ];
     for (vars, setting) in cases {
         let output = run_with(&vars);

@@ -112,7 +112,7 @@ impl Extra {
                     .await
                     .is_ok()
                     && ledger
-                        .finish(&job.ledger_key, &owner, &finished)
+                        .finish(&job.ledger_key, &owner, None, &finished)
                         .await
                         .is_ok()
             }

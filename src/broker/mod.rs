@@ -4,10 +4,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 
+pub mod headers;
 mod publisher;
 mod topology;
 
-pub use publisher::Publisher;
+pub use publisher::{publish_failed_letter, PublishFailures, Publisher, PUBLISH_FAILED};
 pub use topology::{declare, declare_consumed, inspect_queue, queue_depth};
 
 /// A broker operation that failed; every message says what to check.
@@ -42,6 +43,25 @@ pub enum BrokerError {
     Channel(#[from] lapin::Error),
 }
 
+impl BrokerError {
+    /// Whether this very message was refused: the broker nacked or returned it,
+    /// or the client could not write its frames. Such a refusal comes back every
+    /// time the same outcome is published, so it counts towards giving up on it.
+    /// A closed channel or connection never does, whatever its reason: it fails
+    /// every publish in flight on it alike (an operator's `CONNECTION_FORCED`, a
+    /// missed heartbeat, another message's error), so it says nothing about this
+    /// one, and the outcomes of innocent jobs must not be given up for it.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::NotConfirmed { .. } => true,
+            Self::Channel(cause) => {
+                matches!(cause.kind(), lapin::ErrorKind::SerialisationError(_))
+            }
+            Self::Connect { .. } | Self::Topology { .. } => false,
+        }
+    }
+}
+
 /// Opens a connection named after this process, so operators can tell workers apart
 /// in the management dashboard.
 pub async fn connect(url: &SecretString, name: &str) -> Result<Connection, BrokerError> {
@@ -65,4 +85,34 @@ pub fn header_text(headers: &FieldTable, name: &str) -> Option<String> {
         AMQPValue::ShortInt(n) => n.to_string(),
         other => format!("{other:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_of_the_message_counts_towards_giving_up_on_it() {
+        let refused = BrokerError::NotConfirmed {
+            queue: "q.results".into(),
+            reason: "the broker refused it (nack)".into(),
+        };
+        assert!(refused.is_refusal());
+        let lost = BrokerError::Channel(lapin::Error::from(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(!lost.is_refusal());
+        let heartbeat = BrokerError::Channel(lapin::ErrorKind::MissingHeartbeatError.into());
+        assert!(!heartbeat.is_refusal());
+        let forced = BrokerError::Channel(
+            lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+                lapin::protocol::AMQPErrorKind::Hard(
+                    lapin::protocol::AMQPHardError::CONNECTIONFORCED,
+                ),
+                "CONNECTION_FORCED - closed by an operator".into(),
+            ))
+            .into(),
+        );
+        assert!(!forced.is_refusal());
+    }
 }

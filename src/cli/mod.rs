@@ -86,6 +86,9 @@ pub enum Command {
         /// Added latency per vendor call.
         #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
         latency: Duration,
+        /// Random faults, for soaks.
+        #[command(flatten)]
+        faults: mock::RandomFaultArgs,
     },
     /// Measure throughput, vendor calls, CPU and memory against the real broker and
     /// the mock vendor, next to a naive consumer and the broker ceiling.
@@ -126,10 +129,12 @@ pub enum DlqAction {
     /// Move dead letters back to the jobs queue once their cause is fixed.
     ///
     /// Each chosen dead letter is re-published to JOBS_QUEUE (body unchanged,
-    /// persistent, with a new `x-replay-id` header so the worker attempts the change
-    /// again) and leaves `<JOBS_QUEUE>.dead` only after the broker confirmed that
-    /// publish; on any failure it stays where it was. Dead letters not chosen stay
-    /// in place. Every dead letter present when the command starts is looked at
-    /// once; those arriving meanwhile wait for the next run.
+    /// persistent, with an `x-replay-id` header derived from the dead letter, so the
+    /// worker attempts the change again, and at most once however many copies of
+    /// that dead letter are replayed and however often) and leaves
+    /// `<JOBS_QUEUE>.dead` only after the broker confirmed that publish; on any
+    /// failure it stays where it was, and replaying it again is safe. Dead letters
+    /// not chosen stay in place. Every dead letter present when the command starts
+    /// is looked at once; those arriving meanwhile wait for the next run.
     Replay(ReplayFilter),
 }

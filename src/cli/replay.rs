@@ -1,5 +1,7 @@
 //! `account-worker dlq replay`: moves chosen dead letters back to the jobs queue; each
-//! leaves the dead-letter queue only once its re-publish is confirmed.
+//! leaves the dead-letter queue only once its re-publish is confirmed, and each
+//! replay is named after the dead letter it replays, so the worker applies a dead
+//! letter at most once however many copies of it are replayed.
 
 use std::fmt;
 use std::num::NonZeroUsize;
@@ -12,7 +14,9 @@ use lapin::{Acker, BasicProperties, Channel};
 
 use crate::broker::{self, header_text, BrokerError, Publisher};
 use crate::config::{QueueNames, Settings};
-use crate::worker::REPLAY_HEADER;
+use crate::job::{
+    OutcomeId, OUTCOME_ID_HEADER, REPLAY_ID_HEADER, REPLAY_ORIGIN_HEADER, RUN_REPLAY_ID_HEADER,
+};
 
 /// The code of a message that was not a valid job: replaying it only loops it back,
 /// so it is replayed only when asked for by name.
@@ -147,7 +151,7 @@ pub enum ReplayError {
         cause: BrokerError,
     },
     /// A dead letter was replayed but could not be taken off the dead-letter queue.
-    #[error("the dead letter of {job} was replayed to {jobs_queue} (x-replay-id {replay_id}) but could not be removed from {dead_queue} ({reason}); delete that copy from {dead_queue} before replaying again, or its change will be attempted twice")]
+    #[error("the dead letter of {job} was replayed to {jobs_queue} (x-replay-id {replay_id}) but could not be removed from {dead_queue} ({reason}); it stays there, and replaying it again is safe: its copy carries the same x-replay-id, so the worker finds the first replay's outcome instead of applying the change twice")]
     NotRemoved {
         /// The job, as its `x-job-id` names it.
         job: String,
@@ -166,11 +170,19 @@ pub enum ReplayError {
 /// printing one line per dead letter replayed (or, with `dry_run`, that would be).
 ///
 /// Each dead letter present at the start is looked at once. A chosen one is
-/// re-published (same body, persistent, `application/json`, its `x-job-id`, and a
-/// new `x-replay-id` so the worker attempts the change again instead of finding
-/// the first outcome in its ledger) and acked only after the broker confirmed the
+/// re-published (same body, persistent, `application/json`, its `x-job-id`, and an
+/// `x-replay-id` so the worker attempts the change again instead of finding the
+/// first outcome in its ledger) and acked only after the broker confirmed the
 /// copy. Dead letters not chosen are held unacked, so they are not seen twice,
 /// and are handed back in place when the run ends, also when it fails.
+///
+/// The replay id is the dead letter's own identity, never a random one: its
+/// `x-outcome-id` (or, for a dead letter without one, an id derived from its job,
+/// run and body), the same in every copy of it. Two copies of one dead letter,
+/// or a copy left behind because a run was killed between the re-publish and the
+/// ack, replay under the same ledger entry: the change is applied once and the
+/// other copies publish its outcome again. The worker believes the id only if
+/// its ledger stored that dead letter.
 pub async fn dlq_replay(
     settings: &Settings,
     filter: ReplayFilter,
@@ -268,17 +280,19 @@ impl Run<'_> {
             return Ok(());
         }
         let Some(publisher) = &self.publisher else {
-            self.progress.suspend(|| println!("would replay {letter}"));
+            let (replay_id, _) = letter.replay_id(&message.delivery.data);
+            self.progress
+                .suspend(|| println!("would replay {letter} replay-id={replay_id}"));
             self.summary.replayed += 1;
             self.held.push(message.delivery.acker);
             return Ok(());
         };
-        let replay_id = uuid::Uuid::new_v4().to_string();
+        let (replay_id, origin) = letter.replay_id(&message.delivery.data);
         let copy = publisher
             .publish(
                 &self.queues.jobs,
                 &message.delivery.data,
-                replay_properties(&message, &replay_id),
+                replay_properties(&message, &replay_id, origin.as_ref()),
             )
             .await;
         if let Err(cause) = copy {
@@ -290,7 +304,7 @@ impl Run<'_> {
             job: letter.job_label(),
             jobs_queue: self.queues.jobs.clone(),
             dead_queue: self.queues.dead.clone(),
-            replay_id: replay_id.clone(),
+            replay_id: replay_id.to_string(),
             reason,
         };
         match message.delivery.acker.ack(BasicAckOptions::default()).await {
@@ -328,13 +342,20 @@ impl Run<'_> {
     }
 }
 
-/// The copy's properties: persistent JSON, the original `x-job-id`, a new replay id.
-fn replay_properties(message: &BasicGetMessage, replay_id: &str) -> BasicProperties {
+/// The copy's properties: persistent JSON, the original `x-job-id`, the replay id
+/// and, for a dead letter of a replayed run, that run (`x-replay-origin`), where
+/// the worker finds the stored dead letter to check the replay against.
+fn replay_properties(
+    message: &BasicGetMessage,
+    replay_id: &OutcomeId,
+    origin: Option<&OutcomeId>,
+) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert(
-        REPLAY_HEADER.into(),
-        AMQPValue::LongString(LongString::from(replay_id)),
-    );
+    let text = |id: &OutcomeId| AMQPValue::LongString(LongString::from(id.as_str()));
+    headers.insert(REPLAY_ID_HEADER.into(), text(replay_id));
+    if let Some(origin) = origin {
+        headers.insert(REPLAY_ORIGIN_HEADER.into(), text(origin));
+    }
     let original = message.delivery.properties.headers().as_ref();
     if let Some(job_id) = original.and_then(|h| h.inner().get("x-job-id")) {
         headers.insert("x-job-id".into(), job_id.clone());
@@ -349,23 +370,41 @@ fn replay_properties(message: &BasicGetMessage, replay_id: &str) -> BasicPropert
     properties
 }
 
-/// A dead letter's headers, as the lines printed name it.
+/// A dead letter's headers: what the lines printed name it by, and its identity.
 #[derive(Debug)]
 struct Letter {
     job_id: Option<String>,
     code: Option<String>,
     attempts: Option<String>,
+    /// `x-outcome-id`, when valid.
+    outcome_id: Option<OutcomeId>,
+    /// `x-run-replay-id`, when valid.
+    run_replay_id: Option<OutcomeId>,
 }
 
 impl Letter {
     fn read(message: &BasicGetMessage) -> Self {
         let headers = message.delivery.properties.headers().as_ref();
         let header = |name: &str| headers.and_then(|h| header_text(h, name));
+        let id = |name: &str| header(name).and_then(|v| OutcomeId::parse(&v).ok());
         Self {
             job_id: header("x-job-id"),
             code: header("x-error-code"),
             attempts: header("x-attempts"),
+            outcome_id: id(OUTCOME_ID_HEADER),
+            run_replay_id: id(RUN_REPLAY_ID_HEADER),
         }
+    }
+
+    /// The id of this dead letter's replay, the same for every copy of it, and
+    /// the replayed run it came from, if any. A dead letter without an outcome id
+    /// (stored before outcome ids existed, or a malformed message) is named by its
+    /// content, as the worker names the stored dead letter it checks it against.
+    fn replay_id(&self, body: &[u8]) -> (OutcomeId, Option<OutcomeId>) {
+        let id = self.outcome_id.clone().unwrap_or_else(|| {
+            OutcomeId::of_content(self.job_id.as_deref(), self.run_replay_id.as_ref(), body)
+        });
+        (id, self.run_replay_id.clone())
     }
 
     fn job_label(&self) -> String {

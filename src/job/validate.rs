@@ -4,8 +4,32 @@ use email_address::EmailAddress;
 use serde_json::{Map, Value};
 
 use super::{
-    FailEntry, Item, ItemError, Job, JobId, Malformed, VendorKind, MAX_BODY_BYTES, MAX_ITEMS,
+    bounded_echo, fingerprint, FailEntry, Item, ItemError, Job, JobId, Malformed, VendorKind,
+    MAX_BODY_BYTES, MAX_ITEMS,
 };
+
+/// The fields a Mimecast item may have (update-account's `data` element).
+pub const MIMECAST_FIELDS: &[&str] = &[
+    "accountCode",
+    "accountName",
+    "contactName",
+    "telephone",
+    "contactEmail",
+    "numberOfUsers",
+    "products",
+];
+
+/// The fields a PNCP item may have (`accountId` and Modify Account's body).
+pub const PNCP_FIELDS: &[&str] = &[
+    "accountId",
+    "name",
+    "email",
+    "description",
+    "adminUrl",
+    "reportBugEmail",
+    "clientAssignedId",
+    "permissions",
+];
 
 /// Longest free-text field accepted in an item (names, descriptions, telephone).
 const MAX_TEXT_CHARS: usize = 1024;
@@ -113,14 +137,16 @@ pub(super) fn parse_job(body: &[u8]) -> Result<Job, Malformed> {
             Err(error) => rejected.push((
                 index,
                 FailEntry {
-                    key: raw.clone(),
+                    key: bounded_echo(raw.clone()),
                     errors: vec![error],
                 },
             )),
         }
     }
     Ok(Job {
+        fingerprint: fingerprint(vendor.as_str(), data),
         ledger_key: job_id.clone(),
+        replay: None,
         id: job_id,
         vendor,
         items,
@@ -139,8 +165,26 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
+/// Longest field name kept in an `err_validation_<field>` code.
+const MAX_CODE_FIELD_CHARS: usize = 64;
+
+/// The error of one field. The field name may be the producer's own (an unknown
+/// key of any length and content), and the code reaches headers and logs, so its
+/// name is cut to [`MAX_CODE_FIELD_CHARS`] letters, digits and `_` (any other
+/// character becomes `_`); the message keeps the name exactly as sent.
 fn field_error(field: &str, message: String) -> ItemError {
-    ItemError::permanent(format!("err_validation_{field}"), message)
+    let name: String = field
+        .chars()
+        .take(MAX_CODE_FIELD_CHARS)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    ItemError::permanent(format!("err_validation_{name}"), message)
 }
 
 fn as_object(raw: &Value) -> Result<&Map<String, Value>, ItemError> {
@@ -218,18 +262,7 @@ fn email(item: &Map<String, Value>, field: &str, required: bool) -> Result<(), I
 
 fn validate_mimecast_item(raw: &Value) -> Result<(String, Map<String, Value>), ItemError> {
     let item = as_object(raw)?;
-    refuse_unknown_fields(
-        item,
-        &[
-            "accountCode",
-            "accountName",
-            "contactName",
-            "telephone",
-            "contactEmail",
-            "numberOfUsers",
-            "products",
-        ],
-    )?;
+    refuse_unknown_fields(item, MIMECAST_FIELDS)?;
     let account = required_string(item, "accountCode", 128)?.to_owned();
     for field in ["accountName", "contactName", "telephone"] {
         optional_string(item, field, MAX_TEXT_CHARS)?;
@@ -259,19 +292,7 @@ fn validate_mimecast_item(raw: &Value) -> Result<(String, Map<String, Value>), I
 
 fn validate_pncp_item(raw: &Value) -> Result<(String, Map<String, Value>), ItemError> {
     let item = as_object(raw)?;
-    refuse_unknown_fields(
-        item,
-        &[
-            "accountId",
-            "name",
-            "email",
-            "description",
-            "adminUrl",
-            "reportBugEmail",
-            "clientAssignedId",
-            "permissions",
-        ],
-    )?;
+    refuse_unknown_fields(item, PNCP_FIELDS)?;
     let account = required_string(item, "accountId", 64)?;
     // "." and ".." are path steps, not ids: `/account/..` would address another resource.
     if account.contains('/') || account.trim() != account || matches!(account, "." | "..") {
@@ -417,6 +438,41 @@ mod tests {
             "err_validation_color"
         );
         assert_eq!(rejected_code(json!("A")), "err_validation_item");
+    }
+
+    #[test]
+    fn a_huge_vendor_string_stays_whole_in_the_reason_and_is_cut_in_the_log() {
+        let vendor = format!("\u{e9}{}", "v".repeat(200_000));
+        let malformed = parse(&job(
+            json!({"jobId": "j", "vendor": vendor.clone(), "data": [{"accountCode": "A"}]}),
+        ))
+        .unwrap_err();
+        assert!(malformed.reason.contains(&vendor));
+        let logged = malformed.logged_reason();
+        assert!(
+            logged.len() <= 1024 + "...[truncated]".len(),
+            "{}",
+            logged.len()
+        );
+        assert!(logged.ends_with("...[truncated]"));
+    }
+
+    #[test]
+    fn a_huge_unknown_field_gets_a_bounded_code_and_keeps_its_name_in_the_message() {
+        let key = format!("x\r\n{}", "k".repeat(200_000));
+        let parsed = parse(&job(
+            json!({"jobId": "j", "vendor": "mimecast", "data": [{"accountCode": "A", key.clone(): 1}]}),
+        ))
+        .unwrap();
+        let error = &parsed.rejected[0].1.errors[0];
+        assert_eq!(
+            error.code,
+            format!("err_validation_x__{}", "k".repeat(MAX_CODE_FIELD_CHARS - 3))
+        );
+        assert!(
+            error.message.contains(&format!("{key:?}")),
+            "the body keeps the full name"
+        );
     }
 
     #[test]

@@ -12,16 +12,23 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{now_ms, Entry, LedgerError};
+use super::{now_ms, Entry, LedgerError, Stored};
 use crate::job::JobId;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 
 /// What one row holds: the entry and when it may be swept.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Row {
     expires_at_ms: u64,
     entry: Entry,
+}
+
+/// Only a row's expiry, for the sweep: a row whose entry no longer decodes
+/// still has a readable expiry, and is kept all the same when it does not.
+#[derive(Deserialize)]
+struct ExpiresAt {
+    expires_at_ms: u64,
 }
 
 /// redb's own page cache. Small on purpose: pages it misses are read from the
@@ -37,7 +44,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// Runs after the group's commit with its outcome, to answer the caller.
 type Reply = Box<dyn FnOnce(Result<(), LedgerError>) + Send>;
 /// A read-modify-write of one entry: returns what to store and how to answer.
-type Change = Box<dyn FnOnce(Result<Option<Entry>, LedgerError>) -> (Option<Entry>, Reply) + Send>;
+type Change = Box<dyn FnOnce(Result<Stored, LedgerError>) -> (Option<Entry>, Reply) + Send>;
 
 struct Op {
     key: String,
@@ -98,6 +105,7 @@ impl FileLedger {
             retention,
         });
         committer.sweep(now_ms())?;
+        committer.free_dead_leases(now_ms())?;
         let (sender, ops) = mpsc::channel();
         let thread_committer = committer.clone();
         let thread = std::thread::Builder::new()
@@ -122,7 +130,7 @@ impl FileLedger {
     pub(super) async fn update<T: Send + 'static>(
         &self,
         job: &JobId,
-        change: impl FnOnce(Option<Entry>) -> (T, Option<Entry>) + Send + 'static,
+        change: impl FnOnce(Stored) -> (T, Option<Entry>) + Send + 'static,
     ) -> Result<T, LedgerError> {
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Result<T, LedgerError>>();
         let change: Change = Box::new(move |current| match current.map(change) {
@@ -269,14 +277,15 @@ impl Committer {
         let applied = (|| -> Result<(), String> {
             let mut table = tx.open_table(JOBS).map_err(|e| e.to_string())?;
             for op in group {
+                // A row that cannot be decoded is ledger loss, for the decision
+                // to treat as such; it is never taken as "not started".
                 let current = match table.get(op.key.as_str()) {
-                    Ok(Some(bytes)) => serde_json::from_slice::<Row>(bytes.value())
-                        .map(|row| Some(row.entry))
-                        .map_err(|e| LedgerError::Corrupt {
-                            job_id: op.key.clone(),
-                            reason: e.to_string(),
-                        }),
-                    Ok(None) => Ok(None),
+                    Ok(Some(bytes)) => Ok(serde_json::from_slice::<Row>(bytes.value())
+                        .map_or_else(
+                            |e| Stored::Unreadable(e.to_string()),
+                            |row| Stored::Present(row.entry),
+                        )),
+                    Ok(None) => Ok(Stored::Absent),
                     Err(e) => Err(self.error(e)),
                 };
                 let (write, reply) = (op.change)(current);
@@ -301,6 +310,51 @@ impl Committer {
         (replies, committed)
     }
 
+    /// Ends every lease still running at open. The file is locked to one
+    /// process, so such a lease belongs to a process that died (a crash, a
+    /// SIGKILL): its jobs resume as soon as they are redelivered, instead of
+    /// every one of them waiting out `LEDGER_LEASE` while the new process holds
+    /// their deliveries. Their progress, in-flight markers included, is kept:
+    /// what may have been sent is still never resent.
+    fn free_dead_leases(&self, now: u64) -> Result<usize, LedgerError> {
+        let tx = self
+            .database()
+            .map_err(|reason| self.error(reason))?
+            .begin_write()
+            .map_err(|e| self.error(e))?;
+        let freed = {
+            let mut table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
+            let held: Vec<(String, Row)> = table
+                .iter()
+                .map_err(|e| self.error(e))?
+                .filter_map(Result::ok)
+                .filter_map(|(key, value)| {
+                    let row = serde_json::from_slice::<Row>(value.value()).ok()?;
+                    let live = row.entry.finished.is_none() && row.entry.lease_until_ms > now;
+                    live.then(|| (key.value().to_owned(), row))
+                })
+                .collect();
+            for (key, mut row) in held.iter().cloned() {
+                row.entry.owner = String::new();
+                row.entry.lease_until_ms = 0;
+                row.entry.granted = None;
+                let bytes = serde_json::to_vec(&row).map_err(|e| self.error(e))?;
+                table
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+            held.len()
+        };
+        tx.commit().map_err(|e| self.error(e))?;
+        if freed > 0 {
+            tracing::warn!(
+                jobs = freed,
+                "the last process using this ledger stopped with jobs in flight; they resume when redelivered"
+            );
+        }
+        Ok(freed)
+    }
+
     /// Deletes entries whose retention ended before `now` (Unix ms).
     fn sweep(&self, now: u64) -> Result<usize, LedgerError> {
         let tx = self
@@ -310,17 +364,31 @@ impl Committer {
             .map_err(|e| self.error(e))?;
         let removed = {
             let mut table = tx.open_table(JOBS).map_err(|e| self.error(e))?;
+            let mut unreadable = 0usize;
             let expired: Vec<String> = table
                 .iter()
                 .map_err(|e| self.error(e))?
                 .filter_map(Result::ok)
                 .filter(|(_, value)| {
-                    serde_json::from_slice::<Row>(value.value())
-                        .map(|row| row.expires_at_ms < now)
-                        .unwrap_or(true)
+                    // A row that cannot be read is kept: deleting it would turn
+                    // the next copy of its job into a new job, applied again.
+                    match serde_json::from_slice::<ExpiresAt>(value.value()) {
+                        Ok(row) => row.expires_at_ms < now,
+                        Err(_) => {
+                            unreadable += 1;
+                            false
+                        }
+                    }
                 })
                 .map(|(key, _)| key.value().to_owned())
                 .collect();
+            if unreadable > 0 {
+                tracing::error!(
+                    unreadable,
+                    path = %self.path.display(),
+                    "ledger rows that cannot be read are kept, not swept: their jobs are treated as ledger loss; inspect the file"
+                );
+            }
             for key in &expired {
                 table.remove(key.as_str()).map_err(|e| self.error(e))?;
             }
@@ -335,7 +403,7 @@ impl Committer {
 mod tests {
     use super::*;
     use crate::job::{JobResult, JobStatus, ResultMeta};
-    use crate::ledger::{Claim, Finished, Ledger};
+    use crate::ledger::{Claim, Finished, Ledger, Progress};
 
     fn result(id: &str) -> Finished {
         Finished {
@@ -371,7 +439,10 @@ mod tests {
                     .unwrap(),
                 Claim::Busy
             );
-            ledger.finish(&job, "a", &result("j-1")).await.unwrap();
+            ledger
+                .finish(&job, "a", None, &result("j-1"))
+                .await
+                .unwrap();
         }
         let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
         let claim = ledger
@@ -379,6 +450,42 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(claim, Claim::Done(Box::new(result("j-1"))));
+    }
+
+    #[tokio::test]
+    async fn a_lease_left_by_a_dead_process_ends_when_the_file_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        let job = JobId::parse("j-1").unwrap();
+        let marker = Progress {
+            in_flight: vec![0],
+            ..Progress::default()
+        };
+        {
+            let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
+            let claim = ledger
+                .claim(&job, "dead", Duration::from_secs(600), Some(&marker))
+                .await
+                .unwrap();
+            assert!(matches!(claim, Claim::Owned { marked: true, .. }));
+            // The process dies here, its lease running for ten more minutes.
+        }
+        let ledger = Ledger::File(FileLedger::open(&path, Duration::from_secs(3600)).unwrap());
+        let claim = ledger
+            .claim(&job, "next", Duration::from_secs(30), None)
+            .await
+            .unwrap();
+        match claim {
+            Claim::Owned {
+                progress,
+                deliveries,
+                ..
+            } => {
+                assert_eq!(progress.in_flight, [0], "the in-flight marker is kept");
+                assert_eq!(deliveries, 2);
+            }
+            other => panic!("the next delivery resumes at once, got {other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -425,7 +532,10 @@ mod tests {
             .claim(&old, "a", Duration::from_secs(30), None)
             .await
             .unwrap();
-        ledger.finish(&old, "a", &result("old")).await.unwrap();
+        ledger
+            .finish(&old, "a", None, &result("old"))
+            .await
+            .unwrap();
         assert_eq!(file.sweep_before(now_ms()).unwrap(), 0);
         assert_eq!(file.sweep_before(now_ms() + 61_000).unwrap(), 1);
         assert!(file.is_empty().unwrap());

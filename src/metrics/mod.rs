@@ -17,6 +17,7 @@ use tracing::warn;
 use crate::job::VendorKind;
 
 mod http;
+mod labels;
 
 pub use http::{bind, serve};
 
@@ -82,9 +83,12 @@ pub struct Metrics {
     held_requeued: Counter,
     circuit_open: Family<VendorLabels, Gauge>,
     ledger_errors: Counter,
+    ledger_lost: Counter,
     ledger_down: Gauge,
     /// Why the last ledger operation failed, while it is down; for `/readyz`.
     ledger_failure: std::sync::Mutex<Option<String>>,
+    /// Folds error codes into a bounded set of labels.
+    codes: labels::Codes,
 }
 
 impl Default for Metrics {
@@ -113,7 +117,13 @@ impl Metrics {
         let held_requeued = Counter::default();
         let circuit_open = Family::<VendorLabels, Gauge>::default();
         let ledger_errors = Counter::default();
+        let ledger_lost = Counter::default();
         let ledger_down = Gauge::default();
+        registry.register(
+            "ledger_lost",
+            "Ledger entries found missing or unreadable where this worker expected one (ledger loss): additive items were not resent; check the ledger's persistence and eviction settings",
+            ledger_lost.clone(),
+        );
         registry.register(
             "ledger_errors",
             "Ledger operations that failed: the jobs concerned wait, or go back to the queue",
@@ -201,8 +211,10 @@ impl Metrics {
             held_requeued,
             circuit_open,
             ledger_errors,
+            ledger_lost,
             ledger_down,
             ledger_failure: std::sync::Mutex::new(None),
+            codes: labels::Codes::default(),
         }
     }
 
@@ -215,12 +227,13 @@ impl Metrics {
         text
     }
 
-    /// A job finished with this outcome and these item counts.
+    /// A job finished with this outcome and these item counts. `vendor` is the
+    /// job's as written: anything but a known vendor counts as `other`.
     pub fn job_finished(&self, vendor: &str, outcome: &str, succeeded: usize, failed: usize) {
         self.jobs
             .get_or_create(&JobLabels {
-                vendor: vendor.to_owned(),
-                outcome: outcome.to_owned(),
+                vendor: labels::vendor(vendor).to_owned(),
+                outcome: labels::job_outcome(outcome).to_owned(),
             })
             .inc();
         for (outcome, count) in [("succeeded", succeeded), ("failed", failed)] {
@@ -239,7 +252,7 @@ impl Metrics {
         self.vendor_calls
             .get_or_create(&CallLabels {
                 vendor: vendor.into(),
-                status: status.to_owned(),
+                status: labels::call_status(status),
             })
             .inc();
         self.vendor_latency
@@ -258,11 +271,12 @@ impl Metrics {
             .inc();
     }
 
-    /// A dead letter was confirmed by the broker.
+    /// A dead letter was confirmed by the broker. Codes outside a bounded set
+    /// (see `labels`) count as `other`.
     pub fn dead_lettered(&self, code: &str) {
         self.dead_letters
             .get_or_create(&CodeLabels {
-                code: code.to_owned(),
+                code: self.codes.label(code),
             })
             .inc();
     }
@@ -331,6 +345,11 @@ impl Metrics {
         self.broker_reconnects.get()
     }
 
+    /// A job's ledger entry was missing or unreadable where one was expected.
+    pub fn ledger_lost(&self) {
+        self.ledger_lost.inc();
+    }
+
     /// A ledger operation failed for a reason other than a lost lease.
     pub fn ledger_failed(&self, reason: String) {
         self.ledger_errors.inc();
@@ -395,5 +414,30 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn hostile_jobs_do_not_grow_the_metrics() {
+        let metrics = Metrics::new();
+        metrics.job_finished("mimecast", "failed", 0, 1);
+        metrics.dead_lettered("err_validation_accountCode");
+        let before = metrics.render().len();
+        for n in 0..200 {
+            let vendor = format!("{n}{}", "v".repeat(1000));
+            metrics.job_finished(&vendor, "malformed", 0, 0);
+            metrics.dead_lettered(&format!("err_validation_{n}{}", "k".repeat(1000)));
+            metrics.dead_lettered(&format!("err_vendor_code_{n}"));
+            metrics.vendor_call(VendorKind::Pncp, &format!("x{n}"), Duration::ZERO);
+        }
+        let text = metrics.render();
+        assert!(
+            text.len() < before + 8 * 1024,
+            "grew from {before} to {} bytes:\n{text}",
+            text.len()
+        );
+        assert!(
+            text.contains("account_worker_jobs_total{vendor=\"other\",outcome=\"malformed\"} 200")
+        );
+        assert!(text.contains("account_worker_dead_letters_total{code=\"other\"}"));
     }
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::model::{Fault, Vendor};
+use super::random::RandomFaults;
 use super::state::Shared;
 
 /// The `/admin/*` routes; they are never recorded and skip latency and faults.
@@ -25,6 +26,7 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
         .route("/admin/faults", post(faults))
         .route("/admin/latency", post(latency))
         .route("/admin/throttle", post(throttle))
+        .route("/admin/random-faults", post(random_faults))
         .route("/admin/reset", post(reset))
 }
 
@@ -119,6 +121,20 @@ async fn throttle(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         }
         Err(message) => bad_request(message),
     }
+}
+
+/// Body: a [`RandomFaults`] (`{"rate": 0.05, "seed": 1, "delay_ms": 3000}`);
+/// a rate of 0 turns the mode off.
+async fn random_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let faults = match parse::<RandomFaults>(&body) {
+        Ok(faults) => faults,
+        Err(message) => return bad_request(message),
+    };
+    if let Err(message) = faults.check() {
+        return bad_request(message);
+    }
+    super::set_random(&shared, Some(faults));
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn reset(State(shared): State<Arc<Shared>>) -> Response {

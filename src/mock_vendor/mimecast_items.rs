@@ -40,6 +40,14 @@ pub(super) fn apply_items(inner: &mut Inner, items: &[Value]) -> ItemsOutcome {
             outcome.fail.push(entry);
             continue;
         }
+        if update.changes_nothing() {
+            // Only the account code: a read, as the vendor answers it (the
+            // worker's probe of a held vendor). Counted as a request, not a change.
+            let account = inner.mimecast_accounts.get(update.code).cloned();
+            let account = account.unwrap_or_else(|| MimecastAccount::new(update.code));
+            outcome.data.push(data_entry(&account));
+            continue;
+        }
         let account = inner
             .mimecast_accounts
             .entry(update.code.to_owned())
@@ -142,6 +150,16 @@ impl<'a> Update<'a> {
             number_of_users,
             products,
         })
+    }
+
+    /// Whether the item names only its account: applying it would change nothing.
+    fn changes_nothing(&self) -> bool {
+        self.account_name.is_none()
+            && self.contact_name.is_none()
+            && self.contact_email.is_none()
+            && self.telephone.is_none()
+            && self.number_of_users.is_none()
+            && self.products.is_none()
     }
 
     fn apply_to(&self, account: &mut MimecastAccount) {

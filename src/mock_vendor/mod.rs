@@ -14,6 +14,7 @@ mod mimecast_items;
 mod model;
 mod pncp;
 mod pncp_checks;
+mod random;
 mod state;
 mod throttle;
 mod wire;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use model::{
     Fault, MimecastAccount, RecordedRequest, Vendor, STATUS_CLIENT_GONE, STATUS_DROPPED,
 };
+pub use random::RandomFaults;
 use state::Shared;
 
 /// Demo Mimecast access key, shared by the demo script and the mock's demo configuration.
@@ -195,6 +197,13 @@ impl MockVendor {
         self.shared.lock().faults[vendor].push_back(fault);
     }
 
+    /// Turns the random fault mode on (or, with `None` or a rate of 0, off) for both
+    /// vendors from the next request on; see [`RandomFaults`]. Queued faults
+    /// still come first.
+    pub fn set_random_faults(&self, faults: Option<RandomFaults>) {
+        set_random(&self.shared, faults);
+    }
+
     /// Changes the wait added to every vendor request from now on.
     pub fn set_latency(&self, latency: Duration) {
         self.shared.lock().latency = latency;
@@ -242,17 +251,37 @@ impl MockVendor {
     }
 }
 
-/// Runs the mock on `listener` until `shutdown` resolves; the body of the
-/// `account-worker mock-vendor` subcommand.
+/// Runs the mock on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     config: MockVendorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(Arc::new(Shared::new(config)));
+    serve_with(listener, config, None, shutdown).await
+}
+
+/// [`serve`], started in the random fault mode when `random` is given; the body
+/// of the `account-worker mock-vendor` subcommand.
+pub async fn serve_with(
+    listener: TcpListener,
+    config: MockVendorConfig,
+    random: Option<RandomFaults>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared::new(config));
+    set_random(&shared, random);
+    let app = router(shared);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// One place that turns the random fault mode on or off; a rate of 0 is off.
+fn set_random(shared: &Shared, faults: Option<RandomFaults>) {
+    let draw = faults
+        .filter(|faults| faults.rate > 0.0)
+        .map(random::RandomDraw::new);
+    shared.lock().random = draw;
 }
 
 fn router(shared: Arc<Shared>) -> Router {

@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use super::model::{Fault, MimecastAccount, RecordedRequest, Vendor, STATUS_CLIENT_GONE};
+use super::random::RandomDraw;
 use super::throttle::Throttle;
 use super::MockVendorConfig;
 
@@ -102,6 +103,8 @@ pub(super) struct Inner {
     pub(super) faults: PerVendor<VecDeque<Fault>>,
     pub(super) throttles: PerVendor<Throttle>,
     pub(super) tasks: HashMap<String, Task>,
+    /// The random fault mode, when on: draws a fault for requests that find none queued.
+    pub(super) random: Option<RandomDraw>,
 }
 
 impl Inner {
@@ -118,16 +121,20 @@ impl Inner {
             faults: PerVendor::default(),
             throttles: PerVendor::default(),
             tasks: HashMap::new(),
+            random: None,
         }
     }
 
-    /// Takes the next fault for `vendor` and counts the request as admitted.
+    /// Takes the next fault for `vendor` (a queued one, else one the random fault
+    /// mode may draw) and counts the request as admitted.
     pub(super) fn admit_next(
         &mut self,
         vendor: crate::mock_vendor::Vendor,
     ) -> Option<crate::mock_vendor::Fault> {
         self.admitted.send_modify(|n| *n += 1);
-        self.faults[vendor].pop_front()
+        self.faults[vendor]
+            .pop_front()
+            .or_else(|| self.random.as_mut().and_then(RandomDraw::next))
     }
 
     /// A receiver of the number of admitted requests.
@@ -140,7 +147,8 @@ impl Inner {
         self.recorded.subscribe()
     }
 
-    /// Clears everything a test run leaves behind, keeping latency and throttles.
+    /// Clears everything a test run leaves behind, keeping latency, throttles and
+    /// the random fault mode.
     pub(super) fn reset(&mut self) {
         self.records.clear();
         self.recorded.send_replace(0);

@@ -11,9 +11,10 @@ use tracing::{debug, info, warn};
 
 use super::state::JobState;
 use super::{hold, Pipeline, Stop};
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, NotSent};
+use crate::circuit::Pass;
 use crate::job::{Item, ItemError, VendorKind};
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, Written};
 use crate::metrics::Metrics;
 use crate::retry::{self, Decision};
 use crate::vendor::{ItemOutcome, VendorClient, VendorError};
@@ -41,13 +42,87 @@ struct Round {
     server_failed: bool,
     /// Some call was refused with a 429 (not executed).
     throttled: bool,
-    /// The worker began stopping while calls waited for the rate limiter, and
-    /// they were not sent.
+    /// Some calls were not sent: the worker began stopping while they waited
+    /// for the rate limiter, their marker could not be stored, or their batch
+    /// left without them.
     unsent: bool,
+    /// Why the in-flight marker of some call could not be stored (that call was
+    /// not sent).
+    unmarked: Option<LedgerError>,
     /// Some item is left to retry for a reason other than a 429: a retryable
     /// failure, a server error, a timeout. Only such a round spends an attempt
     /// when the round was also throttled.
     spent: bool,
+}
+
+impl Round {
+    /// No call of the round reached the vendor or got any answer.
+    fn sent_nothing(&self) -> bool {
+        !self.touched_vendor && !self.answered && self.last_error.is_none()
+    }
+}
+
+/// What became of one call of a round.
+enum Sent {
+    /// It went out; its items and what the vendor answered.
+    Answered(Answer),
+    /// It was not sent (stopping, or its batch left without it).
+    Unsent,
+    /// Its in-flight marker could not be stored, so it was not sent.
+    Unmarked(LedgerError),
+}
+
+/// Stores a round's in-flight marker call by call, each call's items just after
+/// the call has its rate-limit turn and just before it leaves. A call still
+/// waiting for its turn (a 429's pause can last minutes) has left no marker, so a
+/// crash there never reports an unknown outcome for a call the vendor never saw.
+struct Marker<'a> {
+    pipeline: &'a Pipeline,
+    state: &'a JobState,
+    owner: &'a str,
+    /// The claim stored this round's marker already (every item in flight).
+    premarked: bool,
+    /// What has been recorded in flight so far in this round.
+    in_flight: tokio::sync::Mutex<Vec<usize>>,
+}
+
+impl Marker<'_> {
+    /// Records `items` in flight before they are sent. Idempotent items are
+    /// simply resent after a crash, so a call of only those needs no marker
+    /// (and no fsync).
+    async fn mark(&self, items: &[Item]) -> Result<(), LedgerError> {
+        if self.premarked || !items.iter().any(Item::is_additive) {
+            return Ok(());
+        }
+        let mut in_flight = self.in_flight.lock().await;
+        let before = in_flight.len();
+        in_flight.extend(items.iter().map(|item| item.index));
+        let mut progress = self.state.progress(&[]);
+        progress.in_flight.clone_from(&in_flight);
+        let stored = self
+            .pipeline
+            .ledger
+            .checkpoint(
+                &self.state.job.ledger_key,
+                self.owner,
+                Some(&self.state.job.fingerprint),
+                &progress,
+                self.pipeline.policy.lease,
+            )
+            .await;
+        match stored {
+            Ok(written) => {
+                if written == Written::Recreated {
+                    self.pipeline.metrics.ledger_lost();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                in_flight.truncate(before);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Pipeline {
@@ -74,6 +149,13 @@ impl Pipeline {
         let mut touched_vendor = false;
         let mut unreachable_rounds = 0;
         while !state.is_done() {
+            // The claim's marker is good only while nothing can hold the call
+            // back; otherwise it goes before the wait, and this round's marker is
+            // stored once the call has its turn.
+            if premarked && !(circuit.is_closed() && self.limiters.get(vendor).is_open()) {
+                premarked = false;
+                self.record_progress(state, owner).await;
+            }
             // Kept until the round's verdict is recorded: a probe that ends
             // without one hands its turn on when this is dropped, before any
             // backoff of this job's own, so the vendor's other jobs need not wait
@@ -104,52 +186,64 @@ impl Pipeline {
                     _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
                 };
             }
-            // The in-flight marker must be stored before an additive item is sent:
-            // it is what keeps a redelivery from sending it again. Idempotent
-            // items are simply resent, so they need no marker (and no fsync).
-            let pending = state.pending_items();
-            // The claim may already hold the first round's marker.
-            let needs_marker =
-                !std::mem::take(&mut premarked) && pending.iter().any(|item| item.is_additive());
-            let marked = match needs_marker {
-                true => {
-                    let in_flight = state.progress(&pending);
-                    self.ledger
-                        .checkpoint(&state.job.ledger_key, owner, &in_flight, self.policy.lease)
-                        .await
+            // Until the job has touched the vendor, stopping also ends the wait
+            // for the rate limiter: nothing is recorded in flight before a call
+            // has its turn, and a job aborted at the shutdown timeout would come
+            // back with its call unsent.
+            let stop_unsent = (!touched_vendor).then_some(stopping);
+            if pass.is_probe() {
+                // The probe asks whether the vendor answers again with a call that
+                // changes nothing; the job's own items wait for the verdict and
+                // keep every attempt for when the vendor is back.
+                if self.probe(client, state, pass, stop_unsent).await.is_err() {
+                    return Err(Stop::UNTOUCHED);
                 }
-                false => Ok(()),
-            };
-            if let Err(LedgerError::LeaseLost { .. }) = marked {
-                // This delivery stalled past its lease and another one owns the
-                // job now: sending anything could apply a change twice.
-                warn!("lost the job's lease to another delivery; handing this one back");
-                return Err(Stop::TOUCHED);
-            }
-            if let Err(e) = marked {
-                self.metrics.ledger_failed(e.to_string());
-                warn!(error = %e, "cannot record the call in the ledger; not sending until it answers");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stopping.cancelled() => return Err(Stop { untouched: !touched_vendor, requeue: false }),
-                }
+                drop(probing);
+                continue;
             }
             state.attempts += 1;
             tracing::Span::current().record("attempt", state.attempts);
             if state.attempts > 1 {
                 self.metrics.retry(vendor);
             }
-            // Until the job has touched the vendor, stopping also ends the wait
-            // for the rate limiter: its in-flight marker is stored by now, and a
-            // job aborted at the shutdown timeout would come back as an unknown
-            // outcome for a call that never went out.
-            let stop_unsent = (!touched_vendor).then_some(stopping);
-            let round = self.send_round(client, state, stop_unsent).await;
-            if round.unsent && !round.touched_vendor && !touched_vendor {
-                // Nothing went out: handed back, its exact progress replaces the
-                // marker.
+            let round = self
+                .send_round(
+                    client,
+                    state,
+                    owner,
+                    std::mem::take(&mut premarked),
+                    stop_unsent,
+                )
+                .await;
+            if let Some(marked) = round.unmarked.as_ref().filter(|_| round.sent_nothing()) {
+                // The in-flight marker must be stored before an additive item is
+                // sent: it is what keeps a redelivery from sending it again.
                 state.attempts -= 1;
-                return Err(Stop::UNTOUCHED);
+                if let LedgerError::LeaseLost { .. } = marked {
+                    // This delivery stalled past its lease and another one owns the
+                    // job now: sending anything could apply a change twice.
+                    warn!("lost the job's lease to another delivery; handing this one back");
+                    return Err(Stop::TOUCHED);
+                }
+                self.metrics.ledger_failed(marked.to_string());
+                warn!(error = %marked, "cannot record the call in the ledger; not sending until it answers");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stopping.cancelled() => return Err(Stop { untouched: !touched_vendor, requeue: false }),
+                }
+            }
+            if round.unsent && round.sent_nothing() {
+                // Nothing went out and nothing is in flight: no attempt spent.
+                state.attempts -= 1;
+                if !touched_vendor && stopping.is_cancelled() {
+                    // Handed back, its exact progress replaces any marker.
+                    return Err(Stop::UNTOUCHED);
+                }
+                // A batch left without the items: they go in a later one.
+                tokio::select! {
+                    _ = tokio::time::sleep(self.backoff.delay(1)) => continue,
+                    _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
+                }
             }
             touched_vendor |= round.touched_vendor;
             // Record what the round settled and that nothing is in flight any
@@ -241,42 +335,67 @@ impl Pipeline {
     /// reports the additive items as unknown, which is safe.
     async fn record_progress(&self, state: &JobState, owner: &str) {
         let progress = state.progress(&[]);
-        if let Err(e) = self
+        match self
             .ledger
-            .checkpoint(&state.job.ledger_key, owner, &progress, self.policy.lease)
+            .checkpoint(
+                &state.job.ledger_key,
+                owner,
+                Some(&state.job.fingerprint),
+                &progress,
+                self.policy.lease,
+            )
             .await
         {
-            if !matches!(e, LedgerError::LeaseLost { .. }) {
-                self.metrics.ledger_failed(e.to_string());
+            Ok(Written::Kept) => {}
+            Ok(Written::Recreated) => self.metrics.ledger_lost(),
+            Err(e) => {
+                if !matches!(e, LedgerError::LeaseLost { .. }) {
+                    self.metrics.ledger_failed(e.to_string());
+                }
+                warn!(error = %e, "cannot record progress in the ledger; continuing");
             }
-            warn!(error = %e, "cannot record progress in the ledger; continuing");
         }
     }
 
     /// Sends every pending item once, in calls of at most the vendor's size, and
-    /// records what happened to each.
+    /// records what happened to each. Each call stores its in-flight marker once
+    /// it has its rate-limit turn, just before it leaves (`premarked`: the claim
+    /// stored it already).
     /// While `stopping` is given, calls still waiting for the rate limiter when it
     /// is cancelled are not sent (their items stay pending).
     async fn send_round(
         &self,
         client: &VendorClient,
         state: &mut JobState,
+        owner: &str,
+        premarked: bool,
         stopping: Option<&CancellationToken>,
     ) -> Round {
         let pending: Vec<Item> = state.pending_items().into_iter().cloned().collect();
+        let marker = Marker {
+            pipeline: self,
+            state,
+            owner,
+            premarked,
+            in_flight: tokio::sync::Mutex::new(Vec::new()),
+        };
         let answers = match self.batchers.get(client.kind()) {
-            Some(batcher) => Self::send_batched(batcher, pending)
-                .await
-                .into_iter()
-                .map(Some)
-                .collect(),
-            None => self.send_direct(client, pending, stopping).await,
+            Some(batcher) => Self::send_batched(batcher, pending, &marker, stopping).await,
+            None => self.send_direct(client, pending, &marker, stopping).await,
         };
         let mut round = Round::default();
         for answer in answers {
-            let Some((chunk, answer)) = answer else {
-                round.unsent = true;
-                continue;
+            let (chunk, answer) = match answer {
+                Sent::Answered(answer) => answer,
+                Sent::Unsent => {
+                    round.unsent = true;
+                    continue;
+                }
+                Sent::Unmarked(error) => {
+                    round.unsent = true;
+                    round.unmarked.get_or_insert(error);
+                    continue;
+                }
             };
             match answer {
                 Ok((outcomes, http_status)) => {
@@ -293,52 +412,123 @@ impl Pipeline {
         round
     }
 
-    /// One call per chunk of at most the vendor's size, all at once; `None` for a
-    /// chunk not sent because `stopping` was cancelled while it waited for its
-    /// turn.
+    /// Takes one rate-limit turn for a call; `None` when `stopping` was
+    /// cancelled first.
+    async fn take_turn(
+        &self,
+        vendor: VendorKind,
+        stopping: Option<&CancellationToken>,
+    ) -> Option<()> {
+        let limiter = self.limiters.get(vendor);
+        // Every attempt, retries included, is charged to the rate limit.
+        let queued = QueuedForTurn::new(&self.metrics, vendor);
+        let waited = match stopping {
+            Some(stopping) => tokio::select! {
+                biased;
+                _ = stopping.cancelled() => return None,
+                waited = limiter.acquire() => waited,
+            },
+            None => limiter.acquire().await,
+        };
+        drop(queued);
+        self.metrics.rate_limit_waited(vendor, waited);
+        Some(())
+    }
+
+    /// One call per chunk of at most the vendor's size, all at once, each
+    /// marked in flight once it has its turn.
     async fn send_direct(
         &self,
         client: &VendorClient,
         pending: Vec<Item>,
+        marker: &Marker<'_>,
         stopping: Option<&CancellationToken>,
-    ) -> Vec<Option<Answer>> {
+    ) -> Vec<Sent> {
         let vendor = client.kind();
         let limiter = self.limiters.get(vendor);
         let metrics = &self.metrics;
         let calls = pending
             .chunks(client.max_items_per_call())
             .map(|chunk| async move {
-                // Every attempt, retries included, is charged to the rate limit.
-                let queued = QueuedForTurn::new(metrics, vendor);
-                let waited = match stopping {
-                    Some(stopping) => tokio::select! {
-                        biased;
-                        _ = stopping.cancelled() => return None,
-                        waited = limiter.acquire() => waited,
-                    },
-                    None => limiter.acquire().await,
-                };
-                drop(queued);
-                metrics.rate_limit_waited(vendor, waited);
+                if self.take_turn(vendor, stopping).await.is_none() {
+                    return Sent::Unsent;
+                }
+                if let Err(error) = marker.mark(chunk).await {
+                    return Sent::Unmarked(error);
+                }
                 let refs: Vec<&Item> = chunk.iter().collect();
                 let sent = client.call(&refs, limiter, metrics).await;
                 let answer = sent.map(|report| (report.outcomes, report.http_status));
-                Some((chunk.to_vec(), answer))
+                Sent::Answered((chunk.to_vec(), answer))
             });
         join_all(calls).await
     }
 
-    /// Each item through the vendor's batcher, which coalesces items of many jobs
-    /// into one call and charges the rate limit once per call.
-    async fn send_batched(batcher: &Batcher, pending: Vec<Item>) -> Vec<Answer> {
-        let submissions = pending.into_iter().map(|item| async move {
-            let reply = batcher.submit(item.clone()).await;
-            (
-                vec![item],
-                reply.map(|(outcome, status)| (vec![outcome], status)),
-            )
+    /// The items through the vendor's batcher, which coalesces items of many jobs
+    /// into one call, charges the rate limit once per call, and lets each job
+    /// store its marker (or withdraw) once the call has its turn.
+    async fn send_batched(
+        batcher: &Batcher,
+        pending: Vec<Item>,
+        marker: &Marker<'_>,
+        stopping: Option<&CancellationToken>,
+    ) -> Vec<Sent> {
+        let submissions = pending.chunks(batcher.max_items()).map(|chunk| async move {
+            let submitted = batcher
+                .submit(chunk.to_vec(), stopping, || marker.mark(chunk))
+                .await;
+            match submitted {
+                Ok(answer) => Sent::Answered((chunk.to_vec(), answer)),
+                Err(NotSent::NotReady(error)) => Sent::Unmarked(error),
+                Err(NotSent::Stopping | NotSent::Left) => Sent::Unsent,
+            }
         });
         join_all(submissions).await
+    }
+
+    /// The probe of a held vendor: one call that changes nothing (Mimecast: an
+    /// update-account item with only the account code; PNCP: the job's own
+    /// idempotent item), whose answer opens or closes the circuit. It spends none
+    /// of the job's attempts and settles none of its items. `Err` when the
+    /// worker began stopping before it went.
+    async fn probe(
+        &self,
+        client: &VendorClient,
+        state: &JobState,
+        pass: Pass,
+        stopping: Option<&CancellationToken>,
+    ) -> Result<(), ()> {
+        let vendor = client.kind();
+        let circuit = self.circuits.get(vendor);
+        let Some(item) = state
+            .pending_items()
+            .first()
+            .map(|item| client.probe_item(item))
+        else {
+            return Ok(());
+        };
+        self.take_turn(vendor, stopping).await.ok_or(())?;
+        debug!(%vendor, "probing a held vendor with a call that changes nothing");
+        let sent = client
+            .call(&[&item], self.limiters.get(vendor), &self.metrics)
+            .await;
+        match probe_verdict(&sent) {
+            Some(true) if circuit.succeed() => {
+                info!(%vendor, "{vendor} answers again: resuming its jobs");
+                self.metrics.circuit(vendor, false);
+            }
+            // Another job's answer closed the circuit already.
+            Some(true) => {}
+            Some(false) => {
+                let reason = sent.err().map(|e| e.to_string()).unwrap_or_default();
+                circuit.trip(reason.clone(), pass);
+                warn!(%vendor, error = %reason, "{vendor} still failing: holding its jobs and probing with backoff");
+                self.metrics.circuit(vendor, true);
+            }
+            // A 429 says nothing about the fault; the guard hands the turn on.
+            None => {}
+        }
+        Ok(())
     }
 
     fn apply_call_error(
@@ -410,6 +600,19 @@ impl<'a> QueuedForTurn<'a> {
 impl Drop for QueuedForTurn<'_> {
     fn drop(&mut self) {
         self.metrics.rate_limit_queue(self.vendor, -1);
+    }
+}
+
+/// What a probe's answer says: `Some(true)` the vendor answers again,
+/// `Some(false)` it still fails, `None` nothing either way (a 429).
+fn probe_verdict(sent: &Result<crate::vendor::CallReport, VendorError>) -> Option<bool> {
+    match sent {
+        Ok(_) => Some(true),
+        Err(VendorError::Throttled { .. }) => None,
+        // The vendor took the change on and is working on it.
+        Err(VendorError::TaskStillOpen { .. }) => Some(true),
+        // An answer about the item (a 4xx) is an answer from the vendor.
+        Err(error) => Some(matches!(retry::classify(error), Decision::Permanent(_))),
     }
 }
 

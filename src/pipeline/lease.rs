@@ -18,7 +18,16 @@ use crate::job::JobId;
 use crate::ledger::Ledger;
 
 /// The leases held now, by hold id.
-type Held = Arc<Mutex<HashMap<u64, (JobId, String)>>>;
+/// Hold id -> the job's key, its owner and its body's fingerprint (kept in an
+/// entry the renewal has to write again after a ledger loss).
+type Held = Arc<Mutex<HashMap<u64, Renewal>>>;
+
+#[derive(Debug, Clone)]
+struct Renewal {
+    job: JobId,
+    owner: String,
+    fingerprint: String,
+}
 
 /// The renewing task and the leases it renews; stops the task when dropped.
 #[derive(Debug)]
@@ -48,7 +57,7 @@ impl Drop for LeaseHold {
     }
 }
 
-fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<u64, (JobId, String)>> {
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashMap<u64, Renewal>> {
     // The map stays consistent whatever panicked while it was locked.
     held.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -67,9 +76,14 @@ impl LeaseKeeper {
     }
 
     /// Renews `owner`'s lease on `job` until the returned hold is dropped.
-    pub(crate) fn hold(&self, job: &JobId, owner: &str) -> LeaseHold {
+    pub(crate) fn hold(&self, job: &JobId, owner: &str, fingerprint: &str) -> LeaseHold {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.held).insert(id, (job.clone(), owner.to_owned()));
+        let renewal = Renewal {
+            job: job.clone(),
+            owner: owner.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+        };
+        lock(&self.held).insert(id, renewal);
         LeaseHold {
             held: self.held.clone(),
             id,
@@ -83,15 +97,20 @@ async fn renew_held(ledger: Ledger, lease: Duration, held: Held) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let due: Vec<(u64, JobId, String)> = lock(&held)
+        let due: Vec<(u64, Renewal)> = lock(&held)
             .iter()
-            .map(|(id, (job, owner))| (*id, job.clone(), owner.clone()))
+            .map(|(id, renewal)| (*id, renewal.clone()))
             .collect();
-        let renewals = due.iter().map(|(id, job, owner)| {
+        let renewals = due.iter().map(|(id, renewal)| {
             let ledger = &ledger;
             let held = &held;
+            let Renewal {
+                job,
+                owner,
+                fingerprint,
+            } = renewal;
             async move {
-                match ledger.renew(job, owner, lease).await {
+                match ledger.renew(job, owner, Some(fingerprint), lease).await {
                     Ok(true) => {}
                     // A job that finished meanwhile has nothing left to renew.
                     Ok(false) if lock(held).contains_key(id) => {
@@ -130,7 +149,7 @@ mod tests {
             claim(&ledger, &job, "a").await,
             Claim::Owned { .. }
         ));
-        let hold = keeper.hold(&job, "a");
+        let hold = keeper.hold(&job, "a", "f");
 
         // Time passing is what is tested here: three lease terms.
         tokio::time::sleep(LEASE * 3).await;

@@ -11,18 +11,25 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::batcher::Batcher;
 use crate::circuit::Circuits;
-use crate::job::{FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, ResultMeta};
-use crate::ledger::{Claim, Finished, Ledger, Progress, StoredDeadLetter};
+use crate::job::{
+    FailEntry, ItemError, Job, JobResult, JobStatus, Malformed, OutcomeId, ReplayClaim, ResultMeta,
+};
+use crate::ledger::{
+    Claim, Finished, Ledger, LedgerError, MalformedAnswer, Progress, StoredDeadLetter, Written,
+};
 use crate::limiter::Limiters;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
 mod attempts;
+mod evidence;
 mod hold;
 mod lease;
+mod replay;
 mod state;
 
+use evidence::Seen;
 use hold::Holds;
 use lease::LeaseKeeper;
 use state::JobState;
@@ -40,6 +47,11 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// `x-job-id`, where known.
     pub job_id: Option<String>,
+    /// `x-outcome-id`: the stored outcome it belongs to, the same in every copy,
+    /// which keys its replay. `None` for a malformed message (never stored).
+    pub outcome_id: Option<OutcomeId>,
+    /// `x-run-replay-id`: set when the run that produced it was a replay.
+    pub run_replay_id: Option<OutcomeId>,
 }
 
 /// What the broker layer must do with a delivery.
@@ -119,6 +131,9 @@ pub struct Pipeline {
     slots: Semaphore,
     /// Deliveries waiting without a slot, and when they go back to the queue.
     holds: Holds,
+    /// The jobs this process holds or claimed recently: an absent ledger entry
+    /// of one of them is ledger loss, not a new job.
+    seen: Seen,
 }
 
 /// The batching task of each vendor that has one (`MIMECAST_BATCH_MAX` > 1).
@@ -154,6 +169,7 @@ impl Pipeline {
     ) -> Self {
         Self {
             slots: Semaphore::new(concurrency),
+            seen: Seen::default(),
             // Each vendor keeps up to a concurrency's worth of waiting deliveries
             // (the prefetch has room for them besides the running and ready
             // jobs, see `worker::prefetch`); requeues beyond it are paced at a
@@ -176,9 +192,10 @@ impl Pipeline {
     /// cancelled when the worker shuts down: a job that has not yet touched the
     /// vendor is then handed back.
     ///
-    /// `replay_id` is set when an operator replayed the message from the
-    /// dead-letter queue (`x-replay-id` header): the replay is then a new attempt
-    /// at the change, with its own ledger entry.
+    /// `replay` is set when the message carries replay headers (`dlq replay`
+    /// sets them): if they name a dead letter the ledger stored, the replay is a
+    /// new attempt at the change under that dead letter's own ledger entry;
+    /// otherwise they are ignored and the message is a plain copy of its job.
     ///
     /// `hold_until` is when the delivery must be back in the queue if its job
     /// is still waiting then without calling (`Outcome::Requeue`): the
@@ -187,7 +204,7 @@ impl Pipeline {
         &self,
         body: &[u8],
         parsed: Result<Job, Malformed>,
-        replay_id: Option<&str>,
+        replay: Option<&ReplayClaim>,
         hold_until: Instant,
         stopping: &CancellationToken,
     ) -> Outcome {
@@ -199,17 +216,23 @@ impl Pipeline {
                     .unwrap_or_else(|| "unknown".to_owned());
                 self.metrics.job_finished(&vendor, "malformed", 0, 0);
                 self.metrics.dead_lettered("err_job_malformed");
-                malformed_outcome(body, malformed)
+                self.settle_malformed(malformed_outcome(body, &malformed), &malformed, stopping)
+                    .await
             }
             Ok(mut job) => {
-                if let Some(replay_id) = replay_id {
-                    job.ledger_key = job.id.replayed(replay_id);
-                }
                 let span = tracing::info_span!("job", job_id = %job.id, vendor = %job.vendor, attempt = tracing::field::Empty);
-                let outcome = self
-                    .process_job(job, hold_until, stopping)
-                    .instrument(span)
-                    .await;
+                let outcome = async {
+                    if let Some(claim) = replay {
+                        match self.verified_replay(&job, body, claim, stopping).await {
+                            Ok(Some(outcome)) => job.replay_as(outcome),
+                            Ok(None) => {}
+                            Err(_) => return Outcome::HandBack,
+                        }
+                    }
+                    self.process_job(job, body, hold_until, stopping).await
+                }
+                .instrument(span)
+                .await;
                 if matches!(outcome, Outcome::Finished { .. }) {
                     self.holds.credit();
                 }
@@ -218,9 +241,75 @@ impl Pipeline {
         }
     }
 
+    /// A malformed message with a readable `jobId` is that job's answer only if
+    /// the job has none yet: a finished job's stored outcome is published again
+    /// and the body only dead-lettered, a copy being processed elsewhere keeps
+    /// its own outcome, and a first-seen failure is stored so that every later
+    /// copy gets the same answer. One `jobId`, one answer.
+    async fn settle_malformed(
+        &self,
+        outcome: Outcome,
+        malformed: &Malformed,
+        stopping: &CancellationToken,
+    ) -> Outcome {
+        let Some(job_id) = malformed.job_id.as_ref() else {
+            return outcome;
+        };
+        let Outcome::Finished {
+            result: Some(result),
+            dead_letter,
+        } = outcome
+        else {
+            return outcome;
+        };
+        // A malformed replay is a copy of its job like any other: it has no
+        // change to attempt again, so it is keyed by the jobId alone.
+        let key = job_id.clone();
+        let failure = Finished {
+            result: result.clone(),
+            dead_letter: dead_letter.as_ref().map(StoredDeadLetter::from_letter),
+        };
+        let mut wait = Duration::from_millis(50);
+        loop {
+            // A job this process holds or held lost its entry: it has an owner's
+            // answer, which a malformed copy must not replace.
+            let evidence = self.seen.evidence(&key, None);
+            match self.ledger.settle_malformed(&key, evidence, &failure).await {
+                Ok(answer) => {
+                    self.metrics.ledger_ok();
+                    let result = match answer {
+                        MalformedAnswer::Stored => Some(result),
+                        MalformedAnswer::Finished(stored) => {
+                            info!(job_id = %job_id, "malformed copy of a finished job: publishing its stored outcome again and dead-lettering the copy");
+                            Some(stored.result)
+                        }
+                        MalformedAnswer::Pending => {
+                            info!(job_id = %job_id, "malformed copy of a job in progress: dead-lettering the copy; the job's own outcome is its answer");
+                            None
+                        }
+                    };
+                    return Outcome::Finished {
+                        result,
+                        dead_letter,
+                    };
+                }
+                Err(e) => {
+                    self.metrics.ledger_failed(e.to_string());
+                    error!(error = %e, job_id = %job_id, "ledger unavailable; the malformed job waits");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopping.cancelled() => return Outcome::HandBack,
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
     async fn process_job(
         &self,
         job: Job,
+        body: &[u8],
         hold_until: Instant,
         stopping: &CancellationToken,
     ) -> Outcome {
@@ -238,13 +327,16 @@ impl Pipeline {
             progress,
             deliveries,
             marked: premarked,
+            lost,
         } = match self
             .claim(&job, &owner, first_marker, &mut slot, hold_until, stopping)
             .await
         {
             Err(stop) if stop.requeue => return Outcome::Requeue,
             Err(_) => return Outcome::HandBack,
-            Ok(Err(finished)) => {
+            Ok(Claimed::Conflict) => return self.conflict(&job, body),
+            Ok(Claimed::Forgotten) => return self.forgotten(&job, body),
+            Ok(Claimed::Done(finished)) => {
                 info!("already finished: publishing its stored outcome again without calling the vendor");
                 self.metrics.ledger_duplicate();
                 let dead_letter = finished
@@ -256,10 +348,16 @@ impl Pipeline {
                     dead_letter,
                 };
             }
-            Ok(Ok(owned)) => owned,
+            Ok(Claimed::Owned(owned)) => owned,
         };
+        // Until this job's outcome is stored or it is handed back, and a while
+        // after: an absent entry of it is then ledger loss, not a new job.
+        let seen = self.seen.hold(&job.ledger_key, &job.fingerprint);
+        if lost {
+            self.metrics.ledger_lost();
+        }
         let resumed = !progress.in_flight.is_empty() || progress.attempts > 0;
-        let mut state = JobState::resume(job, progress);
+        let mut state = JobState::resume(job, progress, lost);
         if resumed {
             warn!(
                 deliveries,
@@ -267,7 +365,9 @@ impl Pipeline {
             );
         }
         // Released when dropped, so a panic cannot leave the lease renewed forever.
-        let renewal = self.leases.hold(&state.job.ledger_key, &owner);
+        let renewal = self
+            .leases
+            .hold(&state.job.ledger_key, &owner, &state.job.fingerprint);
         let outcome = if deliveries > self.policy.max_deliveries {
             warn!(
                 deliveries,
@@ -314,7 +414,12 @@ impl Pipeline {
             let exact = (stop.untouched || stop.requeue).then(|| state.progress(&[]));
             let _ = self
                 .ledger
-                .release(&state.job.ledger_key, &owner, exact.as_ref())
+                .release(
+                    &state.job.ledger_key,
+                    &owner,
+                    Some(&state.job.fingerprint),
+                    exact.as_ref(),
+                )
                 .await;
             return match stop.requeue {
                 true => Outcome::Requeue,
@@ -342,38 +447,88 @@ impl Pipeline {
             };
             // The outcome is published only once it is stored: a later copy of
             // the job must find it, or it would publish a different result.
-            return match self
-                .store_outcome(&state.job.ledger_key, &owner, &stored)
-                .await
-            {
-                Some(kept) => Outcome::Finished {
-                    dead_letter: kept
-                        .dead_letter
-                        .as_ref()
-                        .map(|d| d.to_letter(&kept.result.job_id)),
-                    result: Some(kept.result),
-                },
+            return match self.store_outcome(&state.job, &owner, &stored).await {
+                Some(kept) => {
+                    seen.answered();
+                    Outcome::Finished {
+                        dead_letter: kept
+                            .dead_letter
+                            .as_ref()
+                            .map(|d| d.to_letter(&kept.result.job_id)),
+                        result: Some(kept.result),
+                    }
+                }
                 None => Outcome::HandBack,
             };
         }
         outcome
     }
 
+    /// A known `jobId` arrived with a different body: nothing is sent, and no
+    /// second result is published (the stored or coming outcome of the body the
+    /// ledger accepted is the job's one answer); the copy is dead-lettered.
+    fn conflict(&self, job: &Job, body: &[u8]) -> Outcome {
+        warn!("a copy of this jobId with a different body: dead-lettered as err_job_conflict, nothing sent");
+        self.metrics.dead_lettered("err_job_conflict");
+        Outcome::Finished {
+            result: None,
+            dead_letter: Some(DeadLetter {
+                body: body.to_vec(),
+                error_code: "err_job_conflict".to_owned(),
+                error_message: format!(
+                    "jobId {} is already known with a different body (vendor or data differ); nothing was sent and the first body's outcome stands: send a different change under a new jobId",
+                    job.id
+                ),
+                attempts: 0,
+                job_id: Some(job.id.to_string()),
+                outcome_id: None,
+                run_replay_id: None,
+            }),
+        }
+    }
+
+    /// A copy of a job this process answered, whose stored outcome the ledger
+    /// lost (evicted, expired, flushed): nothing is sent, since all of it may
+    /// be applied, and no second result is published, since it could differ
+    /// from the first. The copy is dead-lettered for the operator to reconcile.
+    fn forgotten(&self, job: &Job, body: &[u8]) -> Outcome {
+        error!("a copy of a job this worker already answered, whose stored outcome the ledger lost: dead-lettered as err_outcome_unknown, nothing sent");
+        self.metrics.ledger_lost();
+        self.metrics.dead_lettered("err_outcome_unknown");
+        Outcome::Finished {
+            result: None,
+            dead_letter: Some(DeadLetter {
+                body: body.to_vec(),
+                error_code: "err_outcome_unknown".to_owned(),
+                error_message: format!(
+                    "jobId {} was already answered, but the ledger lost its stored outcome (Redis restarted without persistence, evicted or expired the entry); nothing was sent again and the first result stands: check the accounts at the vendor before replaying this message, and check the ledger's persistence settings",
+                    job.id
+                ),
+                attempts: 0,
+                job_id: Some(job.id.to_string()),
+                outcome_id: None,
+                run_replay_id: None,
+            }),
+        }
+    }
+
     /// Stores the outcome, retrying a failing ledger briefly; returns the outcome
     /// to publish (an earlier stored one wins), or `None` to hand the job back.
-    async fn store_outcome(
-        &self,
-        key: &crate::job::JobId,
-        owner: &str,
-        outcome: &Finished,
-    ) -> Option<Finished> {
+    async fn store_outcome(&self, job: &Job, owner: &str, outcome: &Finished) -> Option<Finished> {
         for wait_ms in [100, 500, 2000, 0] {
-            match self.ledger.finish(key, owner, outcome).await {
-                Ok(kept) => {
+            let stored = self
+                .ledger
+                .finish(&job.ledger_key, owner, Some(&job.fingerprint), outcome)
+                .await;
+            match stored {
+                Ok((kept, written)) => {
                     self.metrics.ledger_ok();
+                    if written == Written::Recreated {
+                        self.metrics.ledger_lost();
+                    }
                     return Some(kept);
                 }
-                Err(e @ crate::ledger::LedgerError::LeaseLost { .. }) => {
+                Err(e @ LedgerError::LeaseLost { .. }) => {
                     warn!(error = %e, "not publishing: another delivery owns the job");
                     return None;
                 }
@@ -427,17 +582,22 @@ impl Pipeline {
         slot: &mut Option<SemaphorePermit<'s>>,
         hold_until: Instant,
         stopping: &CancellationToken,
-    ) -> Result<Result<Owned, Box<Finished>>, Stop> {
+    ) -> Result<Claimed, Stop> {
         let mut wait = Duration::from_millis(50);
         let mut waiting = None;
         loop {
+            // Read again every try: a delivery of this process holding the job
+            // may have finished meanwhile.
+            let evidence = self.seen.evidence(&job.ledger_key, Some(&job.fingerprint));
             let claimed = self
                 .ledger
-                .claim(
+                .claim_job(
                     &job.ledger_key,
                     owner,
                     self.policy.lease,
                     first_marker.as_ref(),
+                    Some(&job.fingerprint),
+                    evidence,
                 )
                 .await;
             if claimed.is_ok() {
@@ -456,14 +616,18 @@ impl Pipeline {
                     progress,
                     deliveries,
                     marked,
+                    lost,
                 }) => {
-                    return Ok(Ok(Owned {
+                    return Ok(Claimed::Owned(Owned {
                         progress,
                         deliveries,
                         marked,
+                        lost,
                     }))
                 }
-                Ok(Claim::Done(finished)) => return Ok(Err(finished)),
+                Ok(Claim::Done(finished)) => return Ok(Claimed::Done(finished)),
+                Ok(Claim::Conflict) => return Ok(Claimed::Conflict),
+                Ok(Claim::Forgotten) => return Ok(Claimed::Forgotten),
                 Err(e) => {
                     self.metrics.ledger_failed(e.to_string());
                     error!(error = %e, "ledger unavailable; the job waits");
@@ -488,6 +652,20 @@ struct Owned {
     deliveries: u32,
     /// The claim stored the first call's in-flight marker.
     marked: bool,
+    /// The ledger had lost the job's entry.
+    lost: bool,
+}
+
+/// How a claim ended.
+enum Claimed {
+    /// This delivery owns the job.
+    Owned(Owned),
+    /// The job is finished: its stored outcome.
+    Done(Box<Finished>),
+    /// The `jobId` is known with a different body.
+    Conflict,
+    /// This process answered the job and the ledger lost that answer.
+    Forgotten,
 }
 
 fn finished(state: &JobState) -> Outcome {
@@ -500,6 +678,8 @@ fn finished(state: &JobState) -> Outcome {
             error_message: first.message.clone(),
             attempts: result.attempts,
             job_id: Some(result.job_id.clone()),
+            outcome_id: Some(OutcomeId::new()),
+            run_replay_id: state.job.replay.clone(),
         })
     });
     let level_failed = result.status != JobStatus::Succeeded;
@@ -519,8 +699,8 @@ fn finished(state: &JobState) -> Outcome {
     }
 }
 
-fn malformed_outcome(body: &[u8], malformed: Malformed) -> Outcome {
-    warn!(job_id = malformed.job_id.as_ref().map(|id| id.as_str()), reason = %malformed.reason, "malformed job dead-lettered");
+fn malformed_outcome(body: &[u8], malformed: &Malformed) -> Outcome {
+    warn!(job_id = malformed.job_id.as_ref().map(|id| id.as_str()), reason = %malformed.logged_reason(), "malformed job dead-lettered");
     let error = ItemError::permanent("err_job_malformed", malformed.reason.clone());
     let result = malformed.job_id.as_ref().map(|id| JobResult {
         job_id: id.to_string(),
@@ -541,7 +721,9 @@ fn malformed_outcome(body: &[u8], malformed: Malformed) -> Outcome {
             error_code: error.code,
             error_message: error.message,
             attempts: 0,
-            job_id: malformed.job_id.map(|id| id.to_string()),
+            job_id: malformed.job_id.as_ref().map(|id| id.to_string()),
+            outcome_id: None,
+            run_replay_id: None,
         }),
     }
 }

@@ -36,7 +36,11 @@ impl JobState {
     /// Rebuilds the state an interrupted delivery left in the ledger. An additive
     /// item whose call was in flight may have been applied: it is reported as an
     /// unknown outcome instead of being sent again.
-    pub(crate) fn resume(job: Job, progress: Progress) -> Self {
+    ///
+    /// When the ledger `lost` the job's entry, nothing says what an earlier
+    /// delivery sent: every additive item the progress does not settle is an
+    /// unknown outcome (idempotent ones are simply sent).
+    pub(crate) fn resume(job: Job, progress: Progress, lost: bool) -> Self {
         let mut state = Self::new(job);
         state.attempts = progress.attempts;
         state.last_http_status = progress.last_http_status;
@@ -66,6 +70,23 @@ impl JobState {
                     "an earlier delivery of this job was interrupted while this item's call was in flight; numberOfUsers is additive, so it is not resent: reconcile the account before replaying",
                 )],
             );
+        }
+        if lost {
+            let additive: Vec<usize> = state
+                .pending_items()
+                .iter()
+                .filter(|item| item.is_additive())
+                .map(|item| item.index)
+                .collect();
+            for index in additive {
+                state.fail(
+                    index,
+                    vec![ItemError::permanent(
+                        "err_outcome_unknown",
+                        "the ledger lost this job's entry (a Redis restart without persistence, eviction, or an unreadable entry) after it had been seen, so an earlier delivery may have applied this item; numberOfUsers is additive, so it is not resent: reconcile the account before replaying, and check the ledger's persistence settings",
+                    )],
+                );
+            }
         }
         state
     }
@@ -112,7 +133,10 @@ impl JobState {
     /// The item was applied; `data` is the vendor's element for it.
     pub(crate) fn succeed(&mut self, item_index: usize, data: Value) {
         if self.take_pending(item_index).is_some() {
-            self.succeeded.insert(item_index, data);
+            // The vendor's element is stored in the ledger: bounded, so the
+            // stored outcome can always be read back.
+            self.succeeded
+                .insert(item_index, crate::job::bounded_echo(data));
         }
     }
 

@@ -19,9 +19,15 @@ pub(super) fn client(settings: &Settings) -> Result<reqwest::Client, reqwest::Er
         .build()
 }
 
-/// Maps a failure of `send()`: only a connect error proves nothing was sent.
+/// Maps a failure of `send()`: only a connect error, or a request that could
+/// not even be built, proves nothing was sent.
 pub(super) fn send_error(error: reqwest::Error) -> VendorError {
-    if error.is_connect() {
+    if error.is_builder() {
+        VendorError::Unreachable(format!(
+            "the request could not be built, so nothing was sent: {}; check the vendor settings for control characters",
+            error_chain(&error)
+        ))
+    } else if error.is_connect() {
         VendorError::Unreachable(error_chain(&error))
     } else if error.is_timeout() {
         VendorError::Timeout
@@ -39,7 +45,9 @@ pub(super) fn body_error(error: reqwest::Error) -> VendorError {
     }
 }
 
-/// The error and its causes on one line (reqwest's own text hides the cause).
+/// The error and its causes on one line (reqwest's own text hides the cause),
+/// with the userinfo of any URL in it hidden: the text reaches results,
+/// `x-error-message` and logs.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -48,7 +56,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text
+    crate::telemetry::redact::url_userinfo(&text).into_owned()
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -102,6 +110,19 @@ mod tests {
             map.insert(*name, HeaderValue::from_static(value));
         }
         map
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_built_was_not_sent() {
+        let error = reqwest::Client::new()
+            .post("http://127.0.0.1:9/")
+            .header("x-mc-app-id", "app\n1")
+            .build()
+            .expect_err("a line break in a header value cannot be sent");
+        assert!(
+            matches!(send_error(error), VendorError::Unreachable(_)),
+            "not sent, so never an unknown outcome"
+        );
     }
 
     #[test]

@@ -151,6 +151,28 @@ impl VendorClient {
         }
     }
 
+    /// The item of a probe for `item`'s vendor: a call that changes nothing, so a
+    /// held vendor can be asked whether it answers again without risking an
+    /// additive change. Mimecast: update-account with only the account code
+    /// changes nothing and returns the account. PNCP: Modify Account is
+    /// idempotent, so the item itself is safe to send.
+    pub fn probe_item(&self, item: &Item) -> Item {
+        match self {
+            Self::Mimecast(_) => {
+                let mut body = serde_json::Map::new();
+                if let Some(code) = item.body.get("accountCode") {
+                    body.insert("accountCode".to_owned(), code.clone());
+                }
+                Item {
+                    index: item.index,
+                    account: item.account.clone(),
+                    body,
+                }
+            }
+            Self::Pncp(_) => item.clone(),
+        }
+    }
+
     /// Sends the items in one call and reports per item. The caller has taken
     /// the call's rate-limit turn; `limiter` charges any follow-up request the
     /// call needs (PNCP's task polls), so those count against the ceiling too.

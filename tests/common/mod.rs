@@ -120,6 +120,16 @@ pub async fn declare_queues(
     names: &QueueNames,
     jobs_arguments: FieldTable,
 ) -> (Connection, Channel) {
+    declare_queues_with(names, jobs_arguments, FieldTable::default()).await
+}
+
+/// As [`declare_queues`], the results queue with `results_arguments` (an
+/// operator's limits the worker must live with).
+pub async fn declare_queues_with(
+    names: &QueueNames,
+    jobs_arguments: FieldTable,
+    results_arguments: FieldTable,
+) -> (Connection, Channel) {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("RabbitMQ must be running (scripts/ensure-services starts it)");
@@ -129,9 +139,12 @@ pub async fn declare_queues(
         .await
         .expect("confirms");
     for name in [&names.jobs, &names.results, &names.dead] {
-        let arguments = match name == &names.jobs {
-            true => jobs_arguments.clone(),
-            false => FieldTable::default(),
+        let arguments = if name == &names.jobs {
+            jobs_arguments.clone()
+        } else if name == &names.results {
+            results_arguments.clone()
+        } else {
+            FieldTable::default()
         };
         channel
             .queue_declare(
@@ -153,6 +166,20 @@ impl Queues {
     pub async fn open(jobs_queue: &str) -> Self {
         let names = QueueNames::new(jobs_queue).expect("queue name");
         let (connection, channel) = declare_queues(&names, FieldTable::default()).await;
+        Self {
+            names,
+            connection,
+            channel,
+            results: None,
+            dead: None,
+        }
+    }
+
+    /// As [`Queues::open`], the results queue declared with `results_arguments`.
+    pub async fn open_with_results(jobs_queue: &str, results_arguments: FieldTable) -> Self {
+        let names = QueueNames::new(jobs_queue).expect("queue name");
+        let (connection, channel) =
+            declare_queues_with(&names, FieldTable::default(), results_arguments).await;
         Self {
             names,
             connection,

@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use super::{start_mock, MimecastCall};
-use crate::mock_vendor::{RecordedRequest, Vendor};
+use crate::mock_vendor::{Fault, RecordedRequest, Vendor};
 
 fn update(code: &str) -> Value {
     json!({"data": [{"accountCode": code, "numberOfUsers": 3}]})
@@ -151,4 +151,46 @@ async fn bad_admin_input_is_400_with_a_message() {
         assert!(answer["error"].as_str().is_some_and(|m| !m.is_empty()));
     }
     assert!(mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn random_faults_follow_queued_ones_fault_every_call_at_rate_one_and_stop_at_zero() {
+    let mock = start_mock().await;
+    let client = reqwest::Client::new();
+    let random = |body: Value| {
+        client
+            .post(format!("{}/admin/random-faults", mock.base_url()))
+            .json(&body)
+            .send()
+    };
+    mock.push_fault(Vendor::Mimecast, Fault::Status { status: 418 });
+    let on = random(json!({"rate": 1.0, "seed": 3, "delay_ms": 1, "reset_ms": 1}));
+    assert_eq!(on.await.unwrap().status(), 204);
+
+    for i in 0..30 {
+        // Drawn drops end the call without an answer: that is the point.
+        let _ = MimecastCall::new(update(&format!("R{i}")))
+            .send(&client, &mock)
+            .await;
+    }
+    let records = mock.requests();
+    assert_eq!(records.len(), 30);
+    assert_eq!(
+        (records[0].fault.as_deref(), records[0].status),
+        (Some("status"), 418)
+    );
+    assert!(records.iter().all(|r| r.fault.is_some()), "{records:?}");
+    for (i, record) in records.iter().enumerate() {
+        let applied = mock.applied_count(Vendor::Mimecast, &format!("R{i}"));
+        assert_eq!(applied, usize::from(record.applied), "{record:?}");
+    }
+
+    assert_eq!(random(json!({"rate": 2})).await.unwrap().status(), 400);
+    assert_eq!(random(json!({"rate": 0})).await.unwrap().status(), 204);
+    let calm = MimecastCall::new(update("CALM"))
+        .send(&client, &mock)
+        .await
+        .unwrap();
+    assert_eq!(calm.status(), 200);
+    assert_eq!(mock.requests().last().unwrap().fault, None);
 }

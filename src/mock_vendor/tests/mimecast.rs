@@ -309,3 +309,30 @@ async fn wait_for_requests_resolves_once_enough_are_recorded() {
         .expect("the waiter wakes up")
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_item_with_only_the_account_code_reads_the_account_and_changes_nothing() {
+    let mock = start_mock().await;
+    let client = reqwest::Client::new();
+    MimecastCall::new(one_item("READ1", 5))
+        .send(&client, &mock)
+        .await
+        .unwrap();
+
+    let read = json!({"data": [{"accountCode": "READ1"}, {"accountCode": "READ2"}]});
+    let response = MimecastCall::new(read).send(&client, &mock).await.unwrap();
+
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"][0]["userCount"], 5);
+    assert_eq!(body["data"][1]["accountCode"], "READ2");
+    assert_eq!(mock.mimecast_account("READ1").unwrap().user_count, 5);
+    assert!(
+        mock.mimecast_account("READ2").is_none(),
+        "a read creates nothing"
+    );
+    assert_eq!(mock.applied_count(Vendor::Mimecast, "READ1"), 1);
+    let records = mock.requests();
+    assert_eq!(records.len(), 2, "the read is counted as a request");
+    assert!(!records[1].applied, "but not as an applied change");
+}

@@ -1,0 +1,442 @@
+//! `scripts/soak`: many jobs through real worker processes, the real RabbitMQ and (with
+//! `--fleet`) a shared Redis ledger, while the mock vendor misbehaves at random, every
+//! worker connection is closed on a schedule and a worker is SIGKILLed once; then it
+//! checks that no job was lost, no delta applied twice, no jobId answered two ways and
+//! no item reported succeeded without being applied.
+
+mod jobs;
+mod rabbit;
+mod report;
+mod tally;
+mod workers;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use account_worker::cli::mock::parse_share;
+use account_worker::config::QueueNames;
+use account_worker::mock_vendor::{self, MockVendor, MockVendorConfig, RandomFaults};
+
+use tally::Seen;
+use workers::WorkerProcess;
+
+/// Soak the worker under random vendor faults, connection closes and a SIGKILL.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Jobs to publish (each with 1–3 items).
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// Two workers sharing a Redis ledger (`RATE_LIMIT_SCOPE=fleet`) instead of one
+    /// worker with a file ledger.
+    #[arg(long)]
+    fleet: bool,
+    /// Share of vendor calls the mock faults at random (`5%` or `0.05`).
+    #[arg(long, default_value = "5%", value_parser = parse_share)]
+    fault_rate: f64,
+    /// Seed of the jobs and of the mock's faults (default: from the clock, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How often every worker connection is closed.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    close_every: Duration,
+    /// SIGKILL (and restart) a worker once this share of the jobs is answered.
+    #[arg(long, default_value = "30%", value_parser = parse_share)]
+    kill_at: f64,
+    /// The workers' VENDOR_TIMEOUT; the mock's slow calls wait one second longer.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    vendor_timeout: Duration,
+    /// Each worker's WORKER_CONCURRENCY.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Share of jobs a "producer" publishes a second time (same body, up to 300 jobs later).
+    #[arg(long, default_value = "1%", value_parser = parse_share)]
+    producer_retries: f64,
+    /// The `account-worker` binary (default: next to this example's directory).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// Broker without the vhost; the soak makes a vhost of its own with rabbitmqctl.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    amqp: String,
+    /// The fleet's Redis ledger: a database of the soak's own.
+    #[arg(long, default_value = "redis://127.0.0.1:6379/11")]
+    redis: String,
+    /// Where worker logs, the file ledger and the report go (one folder per run).
+    #[arg(long, default_value = "target/soak")]
+    out: PathBuf,
+    /// Give up waiting for the jobs after this long (default: 2 min + 40 ms per job).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Keep the run's vhost (and whatever is left in its queues) for inspection.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Exit status when the soak itself could not do what it promises to check.
+const HARNESS_FAILED: i32 = 2;
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(error) => {
+            eprintln!("soak: {error:#}");
+            std::process::exit(HARNESS_FAILED);
+        }
+    }
+}
+
+/// What the chaos tasks did, for the report.
+#[derive(Debug, Default)]
+pub struct Chaos {
+    pub close_rounds: usize,
+    pub connections_closed: usize,
+    pub close_errors: Vec<String>,
+    pub killed_at: Option<Duration>,
+    pub unexpected_exits: Vec<String>,
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let seed = args.seed.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        u64::from(nanos)
+    });
+    let run_id = format!("{:08x}", seed as u32 ^ std::process::id());
+    let vhost = format!("soak-{run_id}");
+    let queue = format!("soak.{run_id}");
+    let names = QueueNames::new(&queue)?;
+    let dir = args.out.join(&run_id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let bin = match &args.worker_bin {
+        Some(bin) => bin.clone(),
+        None => default_worker_bin()?,
+    };
+    let user = url::Url::parse(&args.amqp)
+        .map(|u| u.username().to_owned())
+        .context("--amqp is not a URL")?;
+    let user = if user.is_empty() {
+        "guest".to_owned()
+    } else {
+        user
+    };
+    let amqp_url = format!("{}/{vhost}", args.amqp.trim_end_matches('/'));
+    let workers_count = if args.fleet { 2 } else { 1 };
+    println!(
+        "soak {run_id}: {} jobs, {} worker(s){}, faults {:.1}% (seed {seed}), closes every {:?}, vhost {vhost}, logs in {}",
+        args.jobs,
+        workers_count,
+        if args.fleet { " sharing a Redis ledger" } else { " with a file ledger" },
+        args.fault_rate * 100.0,
+        args.close_every,
+        dir.display()
+    );
+
+    rabbit::create_vhost(&vhost, &user).await?;
+    let outcome = soak(&args, seed, &run_id, &amqp_url, &vhost, &names, &dir, &bin).await;
+    if !args.keep {
+        if let Err(error) = rabbit::delete_vhost(&vhost).await {
+            eprintln!("soak: could not delete vhost {vhost}: {error:#}");
+        }
+    }
+    outcome
+}
+
+fn default_worker_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the soak's own path")?;
+    // target/<profile>/examples/soak -> target/<profile>/account-worker
+    let profile_dir = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .context("the soak binary is not inside a cargo target directory; pass --worker-bin")?;
+    Ok(profile_dir.join("account-worker"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn soak(
+    args: &Args,
+    seed: u64,
+    run_id: &str,
+    amqp_url: &str,
+    vhost: &str,
+    names: &QueueNames,
+    dir: &std::path::Path,
+    bin: &std::path::Path,
+) -> anyhow::Result<bool> {
+    let mock = MockVendor::start(([127, 0, 0, 1], 0).into(), MockVendorConfig::demo()).await?;
+    let delay_ms = u64::try_from(args.vendor_timeout.as_millis())? + 1_000;
+    mock.set_random_faults(Some(RandomFaults {
+        delay_ms,
+        ..RandomFaults::new(args.fault_rate, seed)
+    }));
+
+    let (connection, channel) = rabbit::connect(amqp_url).await?;
+    account_worker::broker::declare(&connection, names).await?;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let collector = tokio::spawn(rabbit::collect(
+        connection.create_channel().await?,
+        names.clone(),
+        Arc::clone(&seen),
+    ));
+
+    let mut fleet = Vec::new();
+    for i in 0..if args.fleet { 2 } else { 1 } {
+        let env = worker_env(args, &mock, amqp_url, &names.jobs, dir, i);
+        fleet.push(WorkerProcess::start(
+            bin,
+            env,
+            dir.join(format!("worker-{i}.log")),
+        )?);
+    }
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let jobs: Vec<_> = (0..args.jobs)
+        .map(|n| jobs::plan(run_id, n, &mut rng))
+        .collect();
+    let mut order = Vec::with_capacity(args.jobs + args.jobs / 50);
+    for i in 0..jobs.len() {
+        order.push(i);
+        if i >= 300 && rng.random_bool(args.producer_retries) {
+            order.push(rng.random_range(i - 300..i));
+        }
+    }
+    let retries = order.len() - jobs.len();
+
+    let chaos = Arc::new(Mutex::new(Chaos::default()));
+    let stop_closing = CancellationToken::new();
+    let closer = tokio::spawn(close_on_schedule(
+        vhost.to_owned(),
+        args.close_every,
+        Arc::clone(&chaos),
+        stop_closing.clone(),
+    ));
+
+    let started = Instant::now();
+    let publisher = {
+        let channel = channel.clone();
+        let queue = names.jobs.clone();
+        let bodies: Vec<_> = order.iter().map(|&i| jobs[i].clone()).collect();
+        tokio::spawn(async move { rabbit::publish(&channel, &queue, bodies.iter(), 500).await })
+    };
+
+    let timeout = args
+        .timeout
+        .unwrap_or(Duration::from_secs(120) + Duration::from_millis(40) * args.jobs as u32);
+    let kill_after = (args.kill_at * jobs.len() as f64).ceil() as usize;
+    let mut all_answered_at = None;
+    let mut last_progress = Instant::now();
+    let mut publisher = Some(publisher);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if publisher.as_ref().is_some_and(|p| p.is_finished()) {
+            if let Some(done) = publisher.take() {
+                done.await.context("the publisher panicked")??;
+            }
+        }
+        let answered = {
+            let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+            jobs.iter().filter(|job| seen.answered(&job.id)).count()
+        };
+        let killed = lock(&chaos).killed_at.is_some();
+        if !killed && answered >= kill_after {
+            fleet[0].kill_and_restart().await?;
+            lock(&chaos).killed_at = Some(started.elapsed());
+            println!(
+                "  {:>6.1}s SIGKILLed worker 0 at {answered} jobs answered, restarted it",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        for (i, worker) in fleet.iter_mut().enumerate() {
+            if let Some(status) = worker.exited() {
+                let note = format!(
+                    "worker {i} exited by itself ({status}) at {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                println!("  {note}; restarting it");
+                lock(&chaos).unexpected_exits.push(note);
+                worker.kill_and_restart().await?;
+            }
+        }
+        if last_progress.elapsed() >= Duration::from_secs(10) {
+            last_progress = Instant::now();
+            let c = lock(&chaos);
+            println!(
+                "  {:>6.1}s answered {answered}/{} jobs, {} connections closed in {} rounds",
+                started.elapsed().as_secs_f64(),
+                jobs.len(),
+                c.connections_closed,
+                c.close_rounds
+            );
+        }
+        if answered == jobs.len() && publisher.is_none() {
+            all_answered_at = Some(started.elapsed());
+            break;
+        }
+        if started.elapsed() >= timeout {
+            println!(
+                "  timed out after {timeout:?} with {answered}/{} jobs answered",
+                jobs.len()
+            );
+            break;
+        }
+    }
+    stop_closing.cancel();
+    let _ = closer.await;
+
+    // Quiescence: nothing ready or unacked anywhere, twice in a row, so late
+    // copies (redeliveries, producer retries) are answered and read too.
+    let quiet_deadline =
+        Instant::now() + Duration::from_secs(120).max(timeout.saturating_sub(started.elapsed()));
+    let mut quiet_polls = 0;
+    let mut last_counts = HashMap::new();
+    while quiet_polls < 2 && Instant::now() < quiet_deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        last_counts = rabbit::queue_counts(vhost).await?;
+        let busy = [&names.jobs, &names.results, &names.dead]
+            .iter()
+            .any(|q| last_counts.get(q.as_str()).is_none_or(|&(r, u)| r + u > 0));
+        quiet_polls = if busy { 0 } else { quiet_polls + 1 };
+    }
+    let quiescent = quiet_polls >= 2;
+    let elapsed = started.elapsed();
+
+    let mut exits = Vec::new();
+    for (i, worker) in fleet.into_iter().enumerate() {
+        let status = worker.stop(Duration::from_secs(30)).await;
+        exits.push(format!(
+            "worker {i}: {}",
+            status.map_or("killed after 30 s".to_owned(), |s| s.to_string())
+        ));
+    }
+    let _ = connection.close(200, "soak done".into()).await;
+    collector.abort();
+
+    let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+    let figures = tally::figures(&jobs, &seen, |vendor, account| {
+        mock.applied_count(vendor, account)
+    });
+    let chaos = lock(&chaos);
+    let summary = report::Summary {
+        jobs: jobs.len(),
+        producer_retries: retries,
+        elapsed,
+        all_answered_at,
+        quiescent,
+        last_counts,
+        exits,
+        requests: mock.requests(),
+    };
+    let text = report::render(&summary, &figures, &chaos, &seen, &jobs);
+    println!("{text}");
+    std::fs::write(dir.join("report.txt"), &text)?;
+    let harness_ok = report::harness_problems(&summary, &chaos, args.close_every).is_empty();
+    if !harness_ok {
+        anyhow::bail!(
+            "the soak did not carry out its chaos: {}",
+            report::harness_problems(&summary, &chaos, args.close_every).join("; ")
+        );
+    }
+    Ok(figures.promises_hold())
+}
+
+fn lock(chaos: &Mutex<Chaos>) -> std::sync::MutexGuard<'_, Chaos> {
+    chaos.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Closes every worker connection each `every`, until `stop`.
+async fn close_on_schedule(
+    vhost: String,
+    every: Duration,
+    chaos: Arc<Mutex<Chaos>>,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let outcome = rabbit::close_worker_connections(&vhost).await;
+        let mut chaos = lock(&chaos);
+        chaos.close_rounds += 1;
+        match outcome {
+            Ok(closed) => chaos.connections_closed += closed,
+            Err(error) => chaos.close_errors.push(format!("{error:#}")),
+        }
+    }
+}
+
+/// The environment of worker `i`: the mock's demo keys, short retries, and the
+/// file ledger of its own or the fleet's Redis ledger.
+fn worker_env(
+    args: &Args,
+    mock: &MockVendor,
+    amqp_url: &str,
+    queue: &str,
+    dir: &std::path::Path,
+    i: usize,
+) -> HashMap<String, String> {
+    let ledger = if args.fleet {
+        args.redis.clone()
+    } else {
+        format!("file:{}", dir.join(format!("ledger-{i}")).display())
+    };
+    let vars = [
+        ("AMQP_URL", amqp_url.to_owned()),
+        ("JOBS_QUEUE", queue.to_owned()),
+        ("WORKER_CONCURRENCY", args.concurrency.to_string()),
+        ("MIMECAST_BASE_URL", mock.base_url()),
+        (
+            "MIMECAST_ACCESS_KEY",
+            mock_vendor::DEMO_MIMECAST_ACCESS_KEY.to_owned(),
+        ),
+        (
+            "MIMECAST_SECRET_KEY",
+            mock_vendor::DEMO_MIMECAST_SECRET_KEY_B64.to_owned(),
+        ),
+        (
+            "MIMECAST_APP_ID",
+            mock_vendor::DEMO_MIMECAST_APP_ID.to_owned(),
+        ),
+        (
+            "MIMECAST_APP_KEY",
+            mock_vendor::DEMO_MIMECAST_APP_KEY.to_owned(),
+        ),
+        ("PNCP_BASE_URL", mock.pncp_base_url()),
+        (
+            "PNCP_APPLICATION_KEY",
+            mock_vendor::DEMO_PNCP_APPLICATION_KEY.to_owned(),
+        ),
+        (
+            "PNCP_SHARED_SECRET",
+            mock_vendor::DEMO_PNCP_SHARED_SECRET.to_owned(),
+        ),
+        ("RETRY_INITIAL_DELAY", "50ms".to_owned()),
+        ("RETRY_MAX_DELAY", "1s".to_owned()),
+        (
+            "VENDOR_TIMEOUT",
+            humantime::format_duration(args.vendor_timeout).to_string(),
+        ),
+        ("SHUTDOWN_TIMEOUT", "10s".to_owned()),
+        ("LEDGER_URL", ledger),
+        // A fleet run leaves nothing in its Redis database for long.
+        ("LEDGER_RETENTION", "1h".to_owned()),
+        (
+            "RATE_LIMIT_SCOPE",
+            if args.fleet { "fleet" } else { "process" }.to_owned(),
+        ),
+        ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
