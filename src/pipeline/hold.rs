@@ -197,7 +197,11 @@ mod tests {
         holds.credit();
         let before = Instant::now();
         requeue_due(Some(&holds.enter(VendorKind::Mimecast, deadline))).await;
-        assert_eq!(before.elapsed(), Duration::ZERO, "a finished job earns a turn");
+        assert_eq!(
+            before.elapsed(),
+            Duration::ZERO,
+            "a finished job earns a turn"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -385,8 +385,10 @@ impl Pipeline {
             match self.vendors.get(state.job.vendor) {
                 Some(client) => {
                     let slot = slot.take();
-                    self.attempt_all(client, &mut state, &owner, premarked, slot, hold_until, stopping)
-                        .await
+                    self.attempt_all(
+                        client, &mut state, &owner, premarked, slot, hold_until, stopping,
+                    )
+                    .await
                 }
                 None => {
                     let vendor = state.job.vendor;

@@ -1,10 +1,13 @@
-//! A finished job's last step: publish its result and dead letter, ack once both
-//! are confirmed, and give up on an outcome the broker keeps refusing.
+//! A job's last step: publish its result and dead letter, ack once both are
+//! confirmed, and give up on an outcome the broker keeps refusing; or put a
+//! waiting job back at the tail of its queue.
 
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::Worker;
 use crate::broker::{self, Publisher};
@@ -102,5 +105,48 @@ impl Worker {
                 Ok(())
             }
         }
+    }
+
+    /// Puts a waiting job's delivery back at the tail of its queue: the same
+    /// body and headers published again (confirmed), then the delivery acked.
+    /// A plain nack-requeue would put it back at the head, where the same held
+    /// jobs come straight back and the jobs behind them never arrive, and on a
+    /// quorum queue each requeue counts towards its delivery limit. When the
+    /// publish fails, the delivery is nacked back instead: never lost.
+    pub(super) async fn requeue(
+        &self,
+        delivery: &Delivery,
+        queue: &str,
+        publisher: &Publisher,
+    ) -> Result<(), lapin::Error> {
+        let mut properties: BasicProperties = delivery.properties.clone().with_delivery_mode(2);
+        if let Some(headers) = properties.headers().clone() {
+            // The broker's own count of this message's deliveries: the copy is a
+            // new message, and a stale count must not reach its dead-letter logic.
+            let mut kept = FieldTable::default();
+            for (name, value) in headers.inner() {
+                if name.as_str() != "x-delivery-count" {
+                    kept.insert(name.clone(), value.clone());
+                }
+            }
+            properties = properties.with_headers(kept);
+        }
+        match publisher.publish(queue, &delivery.data, properties).await {
+            Ok(()) => {
+                self.health.metrics().held_requeue();
+                delivery.acker.ack(BasicAckOptions::default()).await
+            }
+            Err(e) => {
+                warn!(error = %e, queue, "cannot put a waiting job back at the tail of its queue; handing it back to the head instead");
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+            }
+        }
+        .map(|_| ())
     }
 }
