@@ -164,15 +164,7 @@ pub async fn declare_queues_with(
 impl Queues {
     /// Declares the three queues for `jobs_queue` and starts consuming the outputs.
     pub async fn open(jobs_queue: &str) -> Self {
-        let names = QueueNames::new(jobs_queue).expect("queue name");
-        let (connection, channel) = declare_queues(&names, FieldTable::default()).await;
-        Self {
-            names,
-            connection,
-            channel,
-            results: None,
-            dead: None,
-        }
+        Self::open_with_results(jobs_queue, FieldTable::default()).await
     }
 
     /// As [`Queues::open`], the results queue declared with `results_arguments`.
