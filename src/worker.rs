@@ -119,9 +119,12 @@ impl Worker {
             batchers,
             settings.broker.concurrency.get(),
         ));
+        let parked_stale_after = settings.broker.held_delivery_max.saturating_mul(3);
         Ok(Self {
             settings: Arc::new(settings),
-            order: Arc::new(AccountOrder::default()),
+            // A job put back in the queue comes back within a few of its
+            // holds unless another worker took it (see `ordering`).
+            order: Arc::new(AccountOrder::new(parked_stale_after)),
             circuits: circuits.clone(),
             pipeline,
             health: Arc::new(Health::new(circuits, metrics)),
@@ -252,10 +255,13 @@ impl Worker {
                         // Parsed here, in delivery order, so that each job takes its
                         // place behind earlier jobs of the same accounts.
                         let parsed = crate::job::parse(&delivery.data);
-                        let place = self.order.enter(match &parsed {
-                            Ok(job) => job.items.iter().map(|item| format!("{}:{}", job.vendor, item.account)).collect(),
-                            Err(_) => Vec::new(),
-                        });
+                        let place = match &parsed {
+                            Ok(job) => self.order.enter(
+                                job.items.iter().map(|item| format!("{}:{}", job.vendor, item.account)).collect(),
+                                Some(job.id.as_str()),
+                            ),
+                            Err(_) => self.order.enter(Vec::new(), None),
+                        };
                         let worker = self.clone();
                         let publisher = publisher.clone();
                         let stopping = stopping.clone();
@@ -339,10 +345,17 @@ impl Worker {
         metrics.in_flight(1);
         // Stopping first: a later job of an account must not start while an
         // earlier one is being handed back.
-        let my_turn = tokio::select! {
+        // A job waiting that long for its turn goes back to the queue (parked,
+        // so its account keeps its order) before the broker's consumer timeout
+        // could close the channel over it.
+        let turn = tokio::select! {
             biased;
-            _ = stopping.cancelled() => false,
-            _ = place.wait_turn() => true,
+            _ = stopping.cancelled() => Turn::Stopping,
+            _ = place.wait_turn() => match place.may_go() {
+                true => Turn::Go,
+                false => Turn::BehindParked,
+            },
+            _ = tokio::time::sleep_until(from.hold_until) => Turn::BehindParked,
         };
         let replay = delivery.properties.headers().as_ref().and_then(|headers| {
             let header = |name| crate::broker::header_text(headers, name);
@@ -360,15 +373,24 @@ impl Worker {
         ));
         // A bug must not leave the delivery unacked forever: hand it back, and the
         // ledger's delivery count turns a job that keeps crashing into a dead letter.
-        let outcome = match my_turn {
-            false => Outcome::HandBack,
-            true => futures_util::FutureExt::catch_unwind(processing)
+        let outcome = match turn {
+            Turn::Stopping => Outcome::HandBack,
+            Turn::BehindParked => {
+                self.pipeline.pace_requeue().await;
+                Outcome::Requeue
+            }
+            Turn::Go => futures_util::FutureExt::catch_unwind(processing)
                 .await
                 .unwrap_or_else(|_| {
                     error!("job processing panicked; handing the job back to the broker");
                     Outcome::HandBack
                 }),
         };
+        match outcome {
+            Outcome::Requeue => place.park(),
+            Outcome::Finished { .. } => place.unpark(),
+            Outcome::HandBack => {}
+        }
         let settled = match outcome {
             Outcome::Requeue => self.requeue(&delivery, &from.queue, publisher).await,
             Outcome::HandBack => delivery
@@ -392,6 +414,17 @@ impl Worker {
         }
         metrics.in_flight(-1);
     }
+}
+
+/// What a delivery does once its account's earlier jobs are settled.
+enum Turn {
+    /// Run the job.
+    Go,
+    /// Back to the tail of the queue: an earlier job of its account went there
+    /// and has not come back yet, or it waited too long for its turn.
+    BehindParked,
+    /// The worker is stopping: hand it back.
+    Stopping,
 }
 
 /// Where a delivery came from and how long it may wait unacked.

@@ -67,14 +67,22 @@ async fn pncp_jobs_finish_while_mimecast_is_held_on_the_same_queue() {
     assert!(!circuit.is_closed(), "the outage outlasted the PNCP jobs");
     for i in 0..pncp {
         let id = format!("{}", 800 + i);
-        assert_eq!(app.mock.pncp_account(&id).expect("applied")["name"], "Flowing");
+        assert_eq!(
+            app.mock.pncp_account(&id).expect("applied")["name"],
+            "Flowing"
+        );
     }
 
     // The outage ends: every held Mimecast job completes, applied once.
     app.mock.reset();
     let results = app.queues.results_by_job(mimecast).await;
     for (job, result) in &results {
-        assert_eq!(result.status, JobStatus::Succeeded, "{job}: {:?}", result.fail);
+        assert_eq!(
+            result.status,
+            JobStatus::Succeeded,
+            "{job}: {:?}",
+            result.fail
+        );
     }
     for i in 0..mimecast {
         let account = format!("CM{i}");
@@ -142,11 +150,70 @@ async fn copies_of_jobs_running_elsewhere_wait_without_a_slot() {
     }
     let results = app.queues.results_by_job(busy.len()).await;
     for (job, result) in &results {
-        assert_eq!(result.status, JobStatus::Succeeded, "{job}: {:?}", result.fail);
+        assert_eq!(
+            result.status,
+            JobStatus::Succeeded,
+            "{job}: {:?}",
+            result.fail
+        );
     }
     for i in 0..busy.len() {
         let account = format!("CB{i}");
         assert_eq!(app.mock.applied_count(Vendor::Mimecast, &account), 1);
     }
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_put_back_while_their_vendor_is_held_keep_their_account_order() {
+    let mut app = TestApp::spawn_with("capacity_order", |env| {
+        two_slots(env);
+        env.insert("HELD_DELIVERY_MAX".into(), "1s".into());
+    })
+    .await;
+    for _ in 0..OUTAGE_ANSWERS {
+        app.mock
+            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
+    }
+    // More jobs of one account than the prefetch holds: while the vendor is
+    // held, some go back to the tail of the queue and others are still in it.
+    let jobs = 17;
+    for i in 0..jobs {
+        app.queues
+            .publish(&json!({"jobId": format!("ord-{i}"), "vendor": "mimecast", "data": [{"accountCode": "ORDER1", "products": [i]}]}))
+            .await;
+    }
+    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
+    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
+        .await
+        .expect("Mimecast's 401 holds its jobs");
+    // Held deliveries cycle through the queue a few times.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    app.mock.reset();
+    let results = app.queues.results_by_job(jobs).await;
+    for (job, result) in &results {
+        assert_eq!(
+            result.status,
+            JobStatus::Succeeded,
+            "{job}: {:?}",
+            result.fail
+        );
+    }
+    let sent: Vec<i64> = app
+        .mock
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .filter_map(|r| r.body["data"][0]["products"][0].as_i64())
+        .collect();
+    assert_eq!(
+        sent,
+        (0..jobs as i64).collect::<Vec<_>>(),
+        "calls in queue order"
+    );
+    assert_eq!(
+        app.mock.mimecast_account("ORDER1").map(|a| a.products),
+        Some(vec![jobs as i64 - 1])
+    );
     app.finish().await;
 }

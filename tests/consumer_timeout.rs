@@ -17,7 +17,10 @@ use serde_json::json;
 
 /// The node settings this test lowers, with the values it sets: a 5-s
 /// consumer timeout, checked every second (the default check runs once a minute).
-const LOWERED: [(&str, u64); 2] = [("consumer_timeout", 5_000), ("channel_tick_interval", 1_000)];
+const LOWERED: [(&str, u64); 2] = [
+    ("consumer_timeout", 5_000),
+    ("channel_tick_interval", 1_000),
+];
 
 /// How long Mimecast refuses every call: three of the lowered timeouts, each
 /// of which would close a channel holding a delivery through it.
@@ -46,7 +49,12 @@ impl LoweredTimeout {
     fn apply() -> Self {
         let previous = LOWERED
             .iter()
-            .map(|(key, _)| (*key, rabbit_eval(&format!("application:get_env(rabbit, {key})."))))
+            .map(|(key, _)| {
+                (
+                    *key,
+                    rabbit_eval(&format!("application:get_env(rabbit, {key}).")),
+                )
+            })
             .collect();
         for (key, value) in LOWERED {
             rabbit_eval(&format!("application:set_env(rabbit, {key}, {value})."));
@@ -102,7 +110,10 @@ async fn an_outage_three_consumer_timeouts_long_closes_no_channel_and_loses_no_j
 
     // The other vendor's jobs finish during the outage.
     let flowing = app.queues.results_by_job(pncp).await;
-    assert!(flowing.keys().all(|job| job.starts_with("ct-p")), "{flowing:?}");
+    assert!(
+        flowing.keys().all(|job| job.starts_with("ct-p")),
+        "{flowing:?}"
+    );
     assert!(!circuit.is_closed(), "Mimecast is still held");
     // The outage lasts three of the lowered timeouts, then ends.
     tokio::time::sleep_until(outage_started + OUTAGE).await;
@@ -110,7 +121,12 @@ async fn an_outage_three_consumer_timeouts_long_closes_no_channel_and_loses_no_j
     let mut results = app.queues.results_by_job(mimecast).await;
     results.extend(flowing);
     for (job, result) in &results {
-        assert_eq!(result.status, JobStatus::Succeeded, "{job}: {:?}", result.fail);
+        assert_eq!(
+            result.status,
+            JobStatus::Succeeded,
+            "{job}: {:?}",
+            result.fail
+        );
     }
     for i in 0..mimecast {
         let account = format!("CTM{i}");

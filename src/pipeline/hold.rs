@@ -126,6 +126,14 @@ impl Holds {
             .credit();
     }
 
+    /// Waits for a turn to put a delivery back in the queue, so that a queue of
+    /// nothing but deliveries going back is not cycled at broker speed.
+    pub(crate) async fn paced(&self) {
+        while let Some(wait) = self.take_turn() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     fn take_turn(&self) -> Option<Duration> {
         self.pacer
             .lock()

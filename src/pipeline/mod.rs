@@ -187,6 +187,12 @@ impl Pipeline {
         }
     }
 
+    /// Waits for a turn to put a delivery back at the tail of its queue
+    /// without running its job (see `pipeline::hold`'s pacing).
+    pub async fn pace_requeue(&self) {
+        self.holds.paced().await;
+    }
+
     /// Processes one message body, already parsed by the caller (the worker
     /// parses on delivery to keep each account's jobs in order). `stopping` is
     /// cancelled when the worker shuts down: a job that has not yet touched the
