@@ -217,3 +217,66 @@ async fn jobs_put_back_while_their_vendor_is_held_keep_their_account_order() {
     );
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pncp_jobs_finish_while_mimecast_calls_wait_out_a_long_429() {
+    let mut app = TestApp::spawn_with("capacity_429", |env| {
+        two_slots(env);
+        env.insert("HELD_DELIVERY_MAX".into(), "2s".into());
+    })
+    .await;
+    // The first Mimecast call is refused with a 20-s pause of every call.
+    app.mock
+        .push_fault(Vendor::Mimecast, Fault::RateLimited { reset_ms: 20_000 });
+    let mimecast = 6;
+    for i in 0..mimecast {
+        app.queues
+            .publish(&json!({"jobId": format!("cr-m{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("CRM{i}"), "numberOfUsers": 2}]}))
+            .await;
+    }
+    tokio::time::timeout(EVENT_TIMEOUT, app.mock.wait_for_requests(1))
+        .await
+        .expect("the first Mimecast job meets the 429");
+    let pncp = 6;
+    for i in 0..pncp {
+        app.queues
+            .publish(&json!({"jobId": format!("cr-p{i}"), "vendor": "pncp", "data": [{"accountId": format!("{}", 850 + i), "name": "Unpaused", "email": "ops@example.com"}]}))
+            .await;
+    }
+    let flowing = app.queues.results_by_job(pncp).await;
+    assert!(
+        flowing.keys().all(|job| job.starts_with("cr-p")),
+        "{flowing:?}"
+    );
+    let mimecast_calls = |app: &TestApp| {
+        app.mock
+            .requests()
+            .iter()
+            .filter(|r| r.vendor == Vendor::Mimecast)
+            .count()
+    };
+    assert_eq!(
+        mimecast_calls(&app),
+        1,
+        "PNCP finished within Mimecast's pause"
+    );
+
+    let results = app.queues.results_by_job(mimecast).await;
+    for (job, result) in &results {
+        assert_eq!(
+            result.status,
+            JobStatus::Succeeded,
+            "{job}: {:?}",
+            result.fail
+        );
+    }
+    for i in 0..mimecast {
+        let account = format!("CRM{i}");
+        assert_eq!(
+            app.mock.mimecast_account(&account).map(|a| a.user_count),
+            Some(2)
+        );
+    }
+    assert_eq!(app.queues.depth(&app.queues.names.dead).await, 0);
+    app.finish().await;
+}

@@ -9,6 +9,8 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{RateLimit, RateLimitScope, Settings};
@@ -55,6 +57,9 @@ pub struct VendorLimiter {
     fleet: Option<FleetLimiter>,
     /// After a 429 pause, lets one call go before the rest.
     gate: ProbeGate,
+    /// Wakes calls waiting for a turn when a pause begins, so their jobs can
+    /// wait it out without a concurrency slot.
+    pause_began: Notify,
 }
 
 impl VendorLimiter {
@@ -64,6 +69,7 @@ impl VendorLimiter {
             local: LocalLimiter::new(rate.map(interval), DEFAULT_IN_FLIGHT),
             fleet: None,
             gate: ProbeGate::armed(),
+            pause_began: Notify::new(),
         }
     }
 
@@ -94,6 +100,18 @@ impl VendorLimiter {
     /// ledger write, since nothing can delay the call between the two).
     pub fn is_open(&self) -> bool {
         self.fleet.is_none() && self.local.is_open() && !self.gate.is_armed()
+    }
+
+    /// Resolves when a pause begins (from when the future is first polled or
+    /// enabled).
+    pub fn pause_begins(&self) -> Notified<'_> {
+        self.pause_began.notified()
+    }
+
+    /// When a 429's pause of this process's calls ends, while one holds them.
+    /// A job waiting it out needs no concurrency slot meanwhile.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.local.pause_deadline()
     }
 
     /// A call came back (any answer but a 429): its quota headers, if any, pace
@@ -131,6 +149,7 @@ impl VendorLimiter {
     /// in the fleet scope.
     pub fn pause_for(&self, duration: Duration) {
         self.local.pause_for(duration);
+        self.pause_began.notify_waiters();
         self.gate.rearm();
         if let Some(fleet) = &self.fleet {
             fleet.share_pause(duration);
@@ -186,6 +205,7 @@ impl Limiters {
                     FleetLimiter::new(vendor, &endpoint, interval, connection)
                 }),
                 gate: ProbeGate::armed(),
+                pause_began: Notify::new(),
             }
         });
         Ok(Self { mimecast, pncp })

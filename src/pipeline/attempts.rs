@@ -156,6 +156,24 @@ impl Pipeline {
                 premarked = false;
                 self.record_progress(state, owner).await;
             }
+            // A 429's pause holds every call to the vendor, maybe for minutes:
+            // the job waits it out without a slot, and goes back to the tail of
+            // its queue if it outlasts the delivery's hold. Nothing is in flight.
+            if let Some(until) = self.limiters.get(vendor).paused_until() {
+                slot = None;
+                let waiting = self.holds.enter(vendor, hold_until);
+                // Counted with the calls waiting for their turn: it is one.
+                let _queued = QueuedForTurn::new(&self.metrics, vendor);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
+                    _ = hold::requeue_due(Some(&waiting)) => {
+                        info!(%vendor, "{vendor} calls still paused by its 429: putting the job back at the tail of its queue");
+                        return Err(Stop::REQUEUE);
+                    }
+                }
+                continue;
+            }
             // Kept until the round's verdict is recorded: a probe that ends
             // without one hands its turn on when this is dropped, before any
             // backoff of this job's own, so the vendor's other jobs need not wait
@@ -206,6 +224,7 @@ impl Pipeline {
             if state.attempts > 1 {
                 self.metrics.retry(vendor);
             }
+            let claim_marked = premarked;
             let round = self
                 .send_round(
                     client,
@@ -235,6 +254,11 @@ impl Pipeline {
             if round.unsent && round.sent_nothing() {
                 // Nothing went out and nothing is in flight: no attempt spent.
                 state.attempts -= 1;
+                if claim_marked {
+                    // The claim marked this round's call in flight; it never left
+                    // (a pause began before its turn).
+                    self.record_progress(state, owner).await;
+                }
                 if !touched_vendor && stopping.is_cancelled() {
                     // Handed back, its exact progress replaces any marker.
                     return Err(Stop::UNTOUCHED);
@@ -323,9 +347,17 @@ impl Pipeline {
                 .delay(state.attempts)
                 .max(round.not_before.unwrap_or_default());
             debug!(wait_ms = wait.as_millis() as u64, "retrying pending items");
+            // Nothing is in flight while the job waits to retry (its progress was
+            // recorded above): it holds no slot, and a wait that outlasts the
+            // delivery's hold (a 429's reset) puts it back at the tail of its queue.
+            slot = None;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
+                _ = tokio::time::sleep_until(hold_until) => {
+                    info!(%vendor, "still waiting to retry: putting the job back at the tail of its queue");
+                    return Err(Stop::REQUEUE);
+                }
             }
         }
         Ok(())
@@ -420,12 +452,22 @@ impl Pipeline {
         stopping: Option<&CancellationToken>,
     ) -> Option<()> {
         let limiter = self.limiters.get(vendor);
+        // A 429's pause may last minutes: a call that would wait it out is not
+        // sent this round, so its job waits without a slot (`attempt_all`).
+        // Only until the job has touched the vendor, as with stopping.
+        let pause = limiter.pause_begins();
+        tokio::pin!(pause);
+        pause.as_mut().enable();
+        if stopping.is_some() && limiter.paused_until().is_some() {
+            return None;
+        }
         // Every attempt, retries included, is charged to the rate limit.
         let queued = QueuedForTurn::new(&self.metrics, vendor);
         let waited = match stopping {
             Some(stopping) => tokio::select! {
                 biased;
                 _ = stopping.cancelled() => return None,
+                _ = pause => return None,
                 waited = limiter.acquire() => waited,
             },
             None => limiter.acquire().await,
