@@ -530,3 +530,89 @@ async fn review_a_later_job_put_back_does_not_overtake_the_slow_earlier_job_it_w
     );
     app.finish().await;
 }
+
+/// Runs `rabbitmqctl` against the test broker's node (`TEST_RABBIT_NODE`, or
+/// the local default node).
+fn rabbitmqctl(args: &[&str]) {
+    let mut command = std::process::Command::new("rabbitmqctl");
+    if let Ok(node) = std::env::var("TEST_RABBIT_NODE") {
+        command.args(["-n", &node]);
+    }
+    let output = command.args(args).output().expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Promise 5 (no job is lost): putting a job back publishes a new message.
+/// On a jobs queue with a length limit (`max-length`, whose default overflow
+/// is `drop-head`) that is full of waiting jobs, every copy put back pushes
+/// the oldest ready job out of the queue: it is dropped (or dead-lettered by
+/// the broker). Holding or nack-requeueing the delivery adds no message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_putting_held_jobs_back_loses_no_job_on_a_length_limited_queue() {
+    let mut app = TestApp::spawn_with("capacity_review_maxlen", |env| {
+        env.insert("WORKER_CONCURRENCY".into(), "1".into());
+        env.insert("HELD_DELIVERY_MAX".into(), "1s".into());
+    })
+    .await;
+    // The operator's limit, by policy, on this test's jobs queue only.
+    let policy = format!("review-maxlen-{}", uuid::Uuid::new_v4().simple());
+    let pattern = format!("^{}$", app.queues.names.jobs.replace('.', "\\."));
+    rabbitmqctl(&[
+        "set_policy",
+        &policy,
+        &pattern,
+        r#"{"max-length":4}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..OUTAGE_ANSWERS {
+        app.mock
+            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
+    }
+    // Three delivered (the prefetch), then four ready: the queue is at its limit.
+    for i in 0..3 {
+        app.queues
+            .publish(&json!({"jobId": format!("rm-{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("RM{i}"), "products": [i]}]}))
+            .await;
+    }
+    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
+    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
+        .await
+        .expect("Mimecast's 401 holds its jobs");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 3..7 {
+        app.queues
+            .publish(&json!({"jobId": format!("rm-{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("RM{i}"), "products": [i]}]}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    app.mock.reset();
+    let mut answered = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while answered.len() < 7 {
+        match tokio::time::timeout_at(deadline, app.queues.next_result()).await {
+            Ok(result) => {
+                answered.insert(result.job_id.clone(), result.status);
+            }
+            Err(_) => break,
+        }
+    }
+    rabbitmqctl(&["clear_policy", &policy]);
+    let requeued = app.worker.health().metrics().held_requeues();
+    let mut missing: Vec<String> = (0..7)
+        .map(|i| format!("rm-{i}"))
+        .filter(|id| !answered.contains_key(id))
+        .collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "jobs lost: {missing:?} never answered (held requeues: {requeued}, jobs queue depth now {})",
+        app.queues.depth(&app.queues.names.jobs).await
+    );
+    app.finish().await;
+}
