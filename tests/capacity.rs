@@ -616,3 +616,56 @@ async fn review_putting_held_jobs_back_loses_no_job_on_a_length_limited_queue() 
     );
     app.finish().await;
 }
+
+/// Promise 6 / 4 in a fleet on one queue: a worker keeps an account parked
+/// behind a job whose copy another worker took and settled; nothing unparks
+/// it there but the 3 x `HELD_DELIVERY_MAX` give-up, so after the outage, with
+/// the vendor answering and nothing of the account outstanding anywhere, the
+/// account's new jobs are still sent back to the queue (and each one sent
+/// back parks the account again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_fleet_on_one_queue_sends_back_no_job_once_nothing_is_ahead_of_it() {
+    let mut app = TestApp::spawn_with("capacity_review_fleet", |env| {
+        two_slots(env);
+        env.insert("HELD_DELIVERY_MAX".into(), "2s".into());
+        env.insert("LEDGER_URL".into(), redis_url(REDIS_DB));
+    })
+    .await;
+    let (stop_b, task_b, worker_b) = common::start_worker_with_handle(&app.env).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    for _ in 0..OUTAGE_ANSWERS {
+        app.mock
+            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
+    }
+    for i in 0..6 {
+        app.queues
+            .publish(&json!({"jobId": format!("rf-{i}-{run}"), "vendor": "mimecast", "data": [{"accountCode": "RFLEET", "products": [i]}]}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    app.mock.reset();
+    let _ = app.queues.results_by_job(6).await;
+    let requeues = |app: &TestApp| {
+        app.worker.health().metrics().held_requeues() + worker_b.health().metrics().held_requeues()
+    };
+    let before = requeues(&app);
+    // The vendor answers and every job of the account is settled: one job at
+    // a time, nothing is ahead of any of them.
+    let started = tokio::time::Instant::now();
+    for i in 0..6 {
+        app.queues
+            .publish(&json!({"jobId": format!("rf-new-{i}-{run}"), "vendor": "mimecast", "data": [{"accountCode": "RFLEET", "products": [100 + i]}]}))
+            .await;
+        let result = app.queues.next_result().await;
+        assert_eq!(result.status, JobStatus::Succeeded, "{:?}", result.fail);
+    }
+    let sent_back = requeues(&app) - before;
+    let took = started.elapsed();
+    stop_b.cancel();
+    let _ = tokio::time::timeout(EVENT_TIMEOUT, task_b).await;
+    assert_eq!(
+        sent_back, 0,
+        "jobs with nothing ahead of them were sent back {sent_back} times after the outage (6 jobs took {took:?})"
+    );
+    app.finish().await;
+}
