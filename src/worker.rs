@@ -345,9 +345,9 @@ impl Worker {
         metrics.in_flight(1);
         // Stopping first: a later job of an account must not start while an
         // earlier one is being handed back.
-        // A job waiting that long for its turn goes back to the queue (parked,
-        // so its account keeps its order) before the broker's consumer timeout
-        // could close the channel over it.
+        // No deadline here: a job going back to the queue while an earlier job
+        // of its account still runs would overtake it. The earlier job bounds
+        // the wait: it runs, or goes back itself and this one follows it.
         let turn = tokio::select! {
             biased;
             _ = stopping.cancelled() => Turn::Stopping,
@@ -355,7 +355,6 @@ impl Worker {
                 true => Turn::Go,
                 false => Turn::BehindParked,
             },
-            _ = tokio::time::sleep_until(from.hold_until) => Turn::BehindParked,
         };
         let replay = delivery.properties.headers().as_ref().and_then(|headers| {
             let header = |name| crate::broker::header_text(headers, name);
@@ -421,7 +420,7 @@ enum Turn {
     /// Run the job.
     Go,
     /// Back to the tail of the queue: an earlier job of its account went there
-    /// and has not come back yet, or it waited too long for its turn.
+    /// and has not come back yet.
     BehindParked,
     /// The worker is stopping: hand it back.
     Stopping,

@@ -196,12 +196,25 @@ impl Pipeline {
                     info!(%vendor, "{vendor} still held: putting the job back at the tail of its queue");
                     return Err(Stop::REQUEUE);
                 }
+                // The circuit opened between the check and the wait: the job
+                // waits with its slot, but not past its hold.
+                _ = tokio::time::sleep_until(hold_until), if waiting.is_none() => {
+                    info!(%vendor, "{vendor} held: putting the job back at the tail of its queue");
+                    return Err(Stop::REQUEUE);
+                }
             };
             drop(waiting);
             if slot.is_none() {
+                // Still nothing in flight: a job that cannot get a slot before its
+                // hold ends goes back to the queue (a probe's pass is handed on
+                // when `probing` drops).
                 slot = tokio::select! {
                     slot = self.slots.acquire() => slot.ok(),
                     _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
+                    _ = tokio::time::sleep_until(hold_until) => {
+                        info!(%vendor, "no slot free before the delivery's hold ended: putting the job back at the tail of its queue");
+                        return Err(Stop::REQUEUE);
+                    }
                 };
             }
             // Until the job has touched the vendor, stopping also ends the wait
