@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::{FutureExt, Shared};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -26,7 +26,7 @@ type Done = Shared<oneshot::Receiver<()>>;
 /// The last job in line for each account, and the jobs put back in the queue.
 #[derive(Debug)]
 pub struct AccountOrder {
-    tails: Mutex<HashMap<String, (u64, Done)>>,
+    tails: Mutex<HashMap<String, Tail>>,
     next: Mutex<u64>,
     /// Per account, the jobs put back at the tail of the queue, earliest first.
     parked: Mutex<HashMap<String, VecDeque<Parked>>>,
@@ -34,6 +34,10 @@ pub struct AccountOrder {
     /// for it (its copy went to another worker, or was purged).
     stale_after: Duration,
 }
+
+/// The last job in line for an account: its number, its settling, and how to
+/// tell it a later job waits behind it.
+type Tail = (u64, Done, Arc<Notify>);
 
 /// A job put back at the tail of its queue, and when it last went back.
 #[derive(Debug)]
@@ -62,6 +66,10 @@ pub struct Place {
     job: Option<String>,
     before: Vec<Done>,
     done: Option<oneshot::Sender<()>>,
+    /// Notified when a later job of one of its accounts takes its place behind
+    /// this one: a job waiting for a held vendor then goes back to the queue at
+    /// once, and its followers after it, rather than filling the prefetch.
+    followed: Arc<Notify>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,11 +99,16 @@ impl AccountOrder {
         };
         let (done, signal) = oneshot::channel();
         let signal = signal.shared();
+        let followed = Arc::new(Notify::new());
         let mut tails = self.tails.lock().unwrap_or_else(|p| p.into_inner());
         let before = keys
             .iter()
-            .filter_map(|key| tails.insert(key.clone(), (seq, signal.clone())))
-            .map(|(_, done)| done)
+            .filter_map(|key| tails.insert(key.clone(), (seq, signal.clone(), followed.clone())))
+            .map(|(_, done, earlier_followed)| {
+                // Kept as a permit if the earlier job is not waiting for it yet.
+                earlier_followed.notify_one();
+                done
+            })
             .collect();
         Place {
             order: self.clone(),
@@ -104,7 +117,18 @@ impl AccountOrder {
             job: job.map(str::to_owned),
             before,
             done: Some(done),
+            followed,
         }
+    }
+
+    /// Stops waiting for a parked job: its copy was settled elsewhere (another
+    /// worker of a fleet on the same queue took it).
+    pub fn forget_parked(&self, job: &str) {
+        let mut parked = lock(&self.parked);
+        parked.retain(|_, line| {
+            line.retain(|p| p.job != job);
+            !line.is_empty()
+        });
     }
 
     /// Accounts with a job in line now (for tests).
@@ -120,6 +144,11 @@ impl Place {
             // An error only means the earlier job's place was dropped: settled.
             let _ = done.await;
         }
+    }
+
+    /// Notified once a later job of its accounts waits behind it.
+    pub fn followed(&self) -> Arc<Notify> {
+        self.followed.clone()
     }
 
     /// Whether the job may go on now that it has its turn: none of its accounts
@@ -145,6 +174,20 @@ impl Place {
             }
             go
         })
+    }
+
+    /// The parked jobs this job waits behind (the earliest of each account).
+    pub fn blocked_by(&self) -> Vec<String> {
+        let parked = lock(&self.order.parked);
+        let mut blockers: Vec<String> = self
+            .keys
+            .iter()
+            .filter_map(|key| parked.get(key)?.front())
+            .filter(|oldest| Some(&oldest.job) != self.job.as_ref())
+            .map(|oldest| oldest.job.clone())
+            .collect();
+        blockers.dedup();
+        blockers
     }
 
     /// The job goes back to the tail of its queue: its accounts' later jobs go
@@ -195,7 +238,7 @@ impl Drop for Place {
         }
         let mut tails = self.order.tails.lock().unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {
-            if tails.get(key).is_some_and(|(seq, _)| *seq == self.seq) {
+            if tails.get(key).is_some_and(|(seq, _, _)| *seq == self.seq) {
                 tails.remove(key);
             }
         }

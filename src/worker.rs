@@ -23,7 +23,7 @@ use crate::ledger::{Ledger, LedgerError};
 use crate::limiter::{LimiterError, Limiters};
 use crate::metrics::Metrics;
 use crate::ordering::{AccountOrder, Place};
-use crate::pipeline::{Batchers, LedgerPolicy, Outcome, Pipeline};
+use crate::pipeline::{Batchers, DeliveryHold, LedgerPolicy, Outcome, Pipeline};
 use crate::retry::Backoff;
 use crate::vendor::Vendors;
 
@@ -348,7 +348,7 @@ impl Worker {
         // No deadline here: a job going back to the queue while an earlier job
         // of its account still runs would overtake it. The earlier job bounds
         // the wait: it runs, or goes back itself and this one follows it.
-        let turn = tokio::select! {
+        let mut turn = tokio::select! {
             biased;
             _ = stopping.cancelled() => Turn::Stopping,
             _ = place.wait_turn() => match place.may_go() {
@@ -356,6 +356,26 @@ impl Worker {
                 false => Turn::BehindParked,
             },
         };
+        if matches!(turn, Turn::BehindParked) {
+            // In a fleet on one queue another worker may have taken and settled
+            // the parked job's copy: this worker would never see it come back.
+            // A bounded number of reads: each settled blocker may reveal another.
+            'settled: for _ in 0..16 {
+                let blockers = place.blocked_by();
+                if blockers.is_empty() {
+                    break;
+                }
+                for blocker in blockers {
+                    if !self.pipeline.finished_in_ledger(&blocker).await {
+                        break 'settled;
+                    }
+                    self.order.forget_parked(&blocker);
+                }
+            }
+            if place.may_go() {
+                turn = Turn::Go;
+            }
+        }
         let replay = delivery.properties.headers().as_ref().and_then(|headers| {
             let header = |name| crate::broker::header_text(headers, name);
             Some(ReplayClaim {
@@ -363,11 +383,15 @@ impl Worker {
                 origin: header(crate::job::REPLAY_ORIGIN_HEADER),
             })
         });
+        let delivery_hold = DeliveryHold {
+            until: from.hold_until,
+            followed: place.followed(),
+        };
         let processing = std::panic::AssertUnwindSafe(self.pipeline.process(
             &delivery.data,
             parsed,
             replay.as_ref(),
-            from.hold_until,
+            &delivery_hold,
             stopping,
         ));
         // A bug must not leave the delivery unacked forever: hand it back, and the

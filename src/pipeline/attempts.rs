@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::sync::SemaphorePermit;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::state::JobState;
-use super::{hold, Pipeline, Stop};
+use super::{hold, DeliveryHold, Pipeline, Stop};
 use crate::batcher::{Batcher, NotSent};
 use crate::circuit::Pass;
 use crate::job::{Item, ItemError, VendorKind};
@@ -141,7 +140,7 @@ impl Pipeline {
         owner: &str,
         mut premarked: bool,
         mut slot: Option<SemaphorePermit<'s>>,
-        hold_until: Instant,
+        delivery_hold: &DeliveryHold,
         stopping: &CancellationToken,
     ) -> Result<(), Stop> {
         let vendor = client.kind();
@@ -161,7 +160,7 @@ impl Pipeline {
             // its queue if it outlasts the delivery's hold. Nothing is in flight.
             if let Some(until) = self.limiters.get(vendor).paused_until() {
                 slot = None;
-                let waiting = self.holds.enter(vendor, hold_until);
+                let waiting = self.holds.enter(vendor, delivery_hold);
                 // Counted with the calls waiting for their turn: it is one.
                 let _queued = QueuedForTurn::new(&self.metrics, vendor);
                 tokio::select! {
@@ -182,7 +181,7 @@ impl Pipeline {
                 true => None,
                 false => {
                     slot = None;
-                    Some(self.holds.enter(vendor, hold_until))
+                    Some(self.holds.enter(vendor, delivery_hold))
                 }
             };
             let (pass, probing) = tokio::select! {
@@ -198,7 +197,7 @@ impl Pipeline {
                 }
                 // The circuit opened between the check and the wait: the job
                 // waits with its slot, but not past its hold.
-                _ = tokio::time::sleep_until(hold_until), if waiting.is_none() => {
+                _ = tokio::time::sleep_until(delivery_hold.until), if waiting.is_none() => {
                     info!(%vendor, "{vendor} held: putting the job back at the tail of its queue");
                     return Err(Stop::REQUEUE);
                 }
@@ -211,7 +210,7 @@ impl Pipeline {
                 slot = tokio::select! {
                     slot = self.slots.acquire() => slot.ok(),
                     _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
-                    _ = tokio::time::sleep_until(hold_until) => {
+                    _ = tokio::time::sleep_until(delivery_hold.until) => {
                         info!(%vendor, "no slot free before the delivery's hold ended: putting the job back at the tail of its queue");
                         return Err(Stop::REQUEUE);
                     }
@@ -367,7 +366,7 @@ impl Pipeline {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stopping.cancelled(), if !touched_vendor => return Err(Stop::UNTOUCHED),
-                _ = tokio::time::sleep_until(hold_until) => {
+                _ = tokio::time::sleep_until(delivery_hold.until) => {
                     info!(%vendor, "still waiting to retry: putting the job back at the tail of its queue");
                     return Err(Stop::REQUEUE);
                 }

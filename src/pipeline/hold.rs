@@ -13,12 +13,34 @@
 //!   queue holding nothing but waiting jobs is not cycled at broker speed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::job::VendorKind;
+
+/// How long one delivery may wait without calling, and the signal that a later
+/// job of its account waits behind it (then a waiting job goes back at once,
+/// its followers after it, so one held account cannot fill the prefetch).
+#[derive(Debug, Clone)]
+pub struct DeliveryHold {
+    /// Arrival plus `HELD_DELIVERY_MAX`.
+    pub until: Instant,
+    /// Notified when a later job of one of its accounts is in line behind it.
+    pub followed: Arc<Notify>,
+}
+
+impl DeliveryHold {
+    /// A hold ending at `until` that nothing follows (tools and tests).
+    pub fn until(until: Instant) -> Self {
+        Self {
+            until,
+            followed: Arc::new(Notify::new()),
+        }
+    }
+}
 
 /// The deliveries waiting now, per vendor, and the pace of requeues.
 #[derive(Debug)]
@@ -64,9 +86,11 @@ impl Pacer {
 pub(crate) struct Waiting<'a> {
     holds: &'a Holds,
     vendor: usize,
-    /// Counted in the vendor's room: waits until the deadline.
+    /// Counted in the vendor's room: waits until the deadline, or until a
+    /// later job of its account waits behind it.
     kept: bool,
     deadline: Instant,
+    followed: Arc<Notify>,
 }
 
 impl Drop for Waiting<'_> {
@@ -103,7 +127,7 @@ impl Holds {
 
     /// A delivery of `vendor`'s job starts waiting; it must go back to the
     /// queue by `deadline` at the latest.
-    pub(crate) fn enter(&self, vendor: VendorKind, deadline: Instant) -> Waiting<'_> {
+    pub(crate) fn enter(&self, vendor: VendorKind, hold: &DeliveryHold) -> Waiting<'_> {
         let vendor = index(vendor);
         let kept = self.waiting[vendor]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -114,7 +138,8 @@ impl Holds {
             holds: self,
             vendor,
             kept,
-            deadline,
+            deadline: hold.until,
+            followed: hold.followed.clone(),
         }
     }
 
@@ -146,7 +171,10 @@ impl Waiting<'_> {
     /// Resolves when the delivery should go back to the tail of its queue.
     async fn requeue_due(&self) {
         if self.kept {
-            return tokio::time::sleep_until(self.deadline).await;
+            return tokio::select! {
+                _ = tokio::time::sleep_until(self.deadline) => {}
+                _ = self.followed.notified() => {}
+            };
         }
         while let Some(wait) = self.holds.take_turn() {
             tokio::select! {
@@ -173,9 +201,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deliveries_within_the_room_wait_until_their_deadline() {
         let holds = Holds::new(2, 10);
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let first = holds.enter(VendorKind::Mimecast, deadline);
-        let _second = holds.enter(VendorKind::Mimecast, deadline);
+        let deadline = DeliveryHold::until(Instant::now() + Duration::from_secs(600));
+        let first = holds.enter(VendorKind::Mimecast, &deadline);
+        let _second = holds.enter(VendorKind::Mimecast, &deadline);
         let started = Instant::now();
         requeue_due(Some(&first)).await;
         assert_eq!(started.elapsed(), Duration::from_secs(600));
@@ -184,18 +212,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn beyond_the_room_deliveries_go_back_at_once_but_paced() {
         let holds = Holds::new(1, 4);
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let _kept = holds.enter(VendorKind::Mimecast, deadline);
+        let deadline = DeliveryHold::until(Instant::now() + Duration::from_secs(600));
+        let _kept = holds.enter(VendorKind::Mimecast, &deadline);
         // The other vendor has its own room.
-        let other = holds.enter(VendorKind::Pncp, deadline);
+        let other = holds.enter(VendorKind::Pncp, &deadline);
         assert!(other.kept);
         let started = Instant::now();
         for _ in 0..4 {
-            requeue_due(Some(&holds.enter(VendorKind::Mimecast, deadline))).await;
+            requeue_due(Some(&holds.enter(VendorKind::Mimecast, &deadline))).await;
         }
         assert_eq!(started.elapsed(), Duration::ZERO, "a burst goes at once");
         for _ in 0..8 {
-            requeue_due(Some(&holds.enter(VendorKind::Mimecast, deadline))).await;
+            requeue_due(Some(&holds.enter(VendorKind::Mimecast, &deadline))).await;
         }
         assert!(
             started.elapsed() >= Duration::from_secs(2),
@@ -204,7 +232,7 @@ mod tests {
         );
         holds.credit();
         let before = Instant::now();
-        requeue_due(Some(&holds.enter(VendorKind::Mimecast, deadline))).await;
+        requeue_due(Some(&holds.enter(VendorKind::Mimecast, &deadline))).await;
         assert_eq!(
             before.elapsed(),
             Duration::ZERO,
@@ -215,8 +243,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_place_in_the_room_is_freed_when_its_delivery_stops_waiting() {
         let holds = Holds::new(1, 1);
-        let deadline = Instant::now() + Duration::from_secs(600);
-        drop(holds.enter(VendorKind::Mimecast, deadline));
-        assert!(holds.enter(VendorKind::Mimecast, deadline).kept);
+        let deadline = DeliveryHold::until(Instant::now() + Duration::from_secs(600));
+        drop(holds.enter(VendorKind::Mimecast, &deadline));
+        assert!(holds.enter(VendorKind::Mimecast, &deadline).kept);
     }
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -30,6 +29,7 @@ mod replay;
 mod state;
 
 use evidence::Seen;
+pub use hold::DeliveryHold;
 use hold::Holds;
 use lease::LeaseKeeper;
 use state::JobState;
@@ -187,6 +187,22 @@ impl Pipeline {
         }
     }
 
+    /// Whether the ledger holds `job_id`'s outcome: a parked job whose copy
+    /// another worker settled. A ledger that cannot answer says no (the job
+    /// stays parked until it comes back or is given up).
+    pub async fn finished_in_ledger(&self, job_id: &str) -> bool {
+        let Ok(job) = crate::job::JobId::parse(job_id) else {
+            return false;
+        };
+        matches!(
+            self.ledger.get(&job).await,
+            Ok(crate::ledger::Stored::Present(crate::ledger::Entry {
+                finished: Some(_),
+                ..
+            }))
+        )
+    }
+
     /// Waits for a turn to put a delivery back at the tail of its queue
     /// without running its job (see `pipeline::hold`'s pacing).
     pub async fn pace_requeue(&self) {
@@ -203,15 +219,16 @@ impl Pipeline {
     /// new attempt at the change under that dead letter's own ledger entry;
     /// otherwise they are ignored and the message is a plain copy of its job.
     ///
-    /// `hold_until` is when the delivery must be back in the queue if its job
-    /// is still waiting then without calling (`Outcome::Requeue`): the
-    /// delivery's arrival plus `HELD_DELIVERY_MAX`.
+    /// `delivery_hold` says when the delivery must be back in the queue if its
+    /// job is still waiting then without calling (`Outcome::Requeue`): its
+    /// arrival plus `HELD_DELIVERY_MAX`, or at once once a later job of its
+    /// account waits behind it.
     pub async fn process(
         &self,
         body: &[u8],
         parsed: Result<Job, Malformed>,
         replay: Option<&ReplayClaim>,
-        hold_until: Instant,
+        delivery_hold: &DeliveryHold,
         stopping: &CancellationToken,
     ) -> Outcome {
         match parsed {
@@ -235,7 +252,7 @@ impl Pipeline {
                             Err(_) => return Outcome::HandBack,
                         }
                     }
-                    self.process_job(job, body, hold_until, stopping).await
+                    self.process_job(job, body, delivery_hold, stopping).await
                 }
                 .instrument(span)
                 .await;
@@ -316,7 +333,7 @@ impl Pipeline {
         &self,
         job: Job,
         body: &[u8],
-        hold_until: Instant,
+        delivery_hold: &DeliveryHold,
         stopping: &CancellationToken,
     ) -> Outcome {
         if stopping.is_cancelled() {
@@ -335,7 +352,14 @@ impl Pipeline {
             marked: premarked,
             lost,
         } = match self
-            .claim(&job, &owner, first_marker, &mut slot, hold_until, stopping)
+            .claim(
+                &job,
+                &owner,
+                first_marker,
+                &mut slot,
+                delivery_hold,
+                stopping,
+            )
             .await
         {
             Err(stop) if stop.requeue => return Outcome::Requeue,
@@ -392,7 +416,13 @@ impl Pipeline {
                 Some(client) => {
                     let slot = slot.take();
                     self.attempt_all(
-                        client, &mut state, &owner, premarked, slot, hold_until, stopping,
+                        client,
+                        &mut state,
+                        &owner,
+                        premarked,
+                        slot,
+                        delivery_hold,
+                        stopping,
                     )
                     .await
                 }
@@ -588,7 +618,7 @@ impl Pipeline {
         owner: &str,
         mut first_marker: Option<Progress>,
         slot: &mut Option<SemaphorePermit<'s>>,
-        hold_until: Instant,
+        delivery_hold: &DeliveryHold,
         stopping: &CancellationToken,
     ) -> Result<Claimed, Stop> {
         let mut wait = Duration::from_millis(50);
@@ -617,7 +647,7 @@ impl Pipeline {
                     *slot = None;
                     first_marker = None;
                     if waiting.is_none() {
-                        waiting = Some(self.holds.enter(job.vendor, hold_until));
+                        waiting = Some(self.holds.enter(job.vendor, delivery_hold));
                     }
                 }
                 Ok(Claim::Owned {
