@@ -2,6 +2,7 @@
 //! results and dead letters, queue counts, and closing the workers' connections.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
@@ -127,16 +128,26 @@ pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
     Ok((connection, channel))
 }
 
-/// Publishes each job (persistent, confirmed), `window` confirms in flight at most.
+/// Publishes each job (persistent, confirmed), `window` confirms in flight at most,
+/// keeping `count` at the number published so far;
+/// with `per_second`, job `n` goes no earlier than `n / per_second` after the
+/// start, so an outage run has jobs of both vendors arriving all along.
 pub async fn publish(
     channel: &Channel,
     queue: &str,
     jobs: impl Iterator<Item = &PlannedJob>,
     window: usize,
+    per_second: Option<f64>,
+    count: &AtomicUsize,
 ) -> anyhow::Result<usize> {
     let mut pending = Vec::with_capacity(window);
     let mut published = 0;
+    let started = tokio::time::Instant::now();
     for job in jobs {
+        if let Some(rate) = per_second {
+            let due = started + std::time::Duration::from_secs_f64(published as f64 / rate);
+            tokio::time::sleep_until(due).await;
+        }
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
@@ -152,6 +163,7 @@ pub async fn publish(
             .context("publishing a soak job")?;
         pending.push(confirm);
         published += 1;
+        count.store(published, Ordering::SeqCst);
         if pending.len() >= window {
             settle(&mut pending).await?;
         }
@@ -222,7 +234,10 @@ fn record_result(seen: &mut Seen, body: &[u8]) {
         .and_then(Value::as_str)
         .map(str::to_owned);
     match (job_id, parsed) {
-        (Some(id), Some(result)) => seen.results.entry(id).or_default().push(result),
+        (Some(id), Some(result)) => {
+            seen.note_answer(&id);
+            seen.results.entry(id).or_default().push(result);
+        }
         _ => seen.strays += 1,
     }
 }
@@ -237,7 +252,10 @@ fn record_dead_letter(seen: &mut Seen, delivery: &lapin::message::Delivery) {
     });
     let code = header("x-error-code").unwrap_or_else(|| "(no x-error-code)".into());
     match job_id {
-        Some(id) => seen.dead.entry(id).or_default().push(code),
+        Some(id) => {
+            seen.note_answer(&id);
+            seen.dead.entry(id).or_default().push(code);
+        }
         None => seen.strays += 1,
     }
 }
