@@ -18,7 +18,7 @@ mod workers;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -338,7 +338,7 @@ async fn soak(
         ))
     });
 
-    let published = Arc::new(AtomicUsize::new(0));
+    let published = Arc::new(rabbit::PublishLog::default());
     let outage_plan = args.outage.map(|length| outage::Plan {
         vendor: args.outage_vendor,
         status: args.outage_status,
@@ -430,7 +430,7 @@ async fn soak(
                 started.elapsed().as_secs_f64(),
                 jobs.len(),
                 answered - answered_mimecast,
-                published.load(Ordering::SeqCst),
+                published.count.load(Ordering::SeqCst),
                 c.connections_closed,
                 c.close_rounds,
                 shown(&counters),
@@ -510,6 +510,7 @@ async fn soak(
         let o = outage::figures(
             &jobs,
             &order,
+            &published,
             &seen,
             &figures,
             outage_plan,

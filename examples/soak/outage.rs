@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use account_worker::mock_vendor::{MockVendor, RecordedRequest, Vendor, OUTAGE_FAULT};
 
 use crate::jobs::PlannedJob;
+use crate::rabbit::PublishLog;
 use crate::scrape::Counters;
 use crate::tally::{Figures, Seen};
 
@@ -50,7 +51,7 @@ pub async fn drive(
     mock: MockVendor,
     plan: Plan,
     timeline: Arc<Mutex<Timeline>>,
-    published: Arc<AtomicUsize>,
+    published: Arc<PublishLog>,
     stop: CancellationToken,
 ) {
     tokio::select! {
@@ -71,7 +72,7 @@ pub async fn drive(
     mock.set_outage(plan.vendor, None);
     let mut timeline = lock(&timeline);
     timeline.ended = Some(Instant::now());
-    timeline.published_at_end = published.load(Ordering::SeqCst);
+    timeline.published_at_end = published.count.load(Ordering::SeqCst);
     println!("  outage of {} ended", name(plan.vendor));
 }
 
@@ -92,13 +93,29 @@ fn name(vendor: Vendor) -> &'static str {
     }
 }
 
-/// Jobs of one vendor by when their first answer was read.
-#[derive(Debug, Default, Clone, Copy)]
+/// Jobs of one vendor by when their first answer was read, and their
+/// publish-to-answer latencies in each phase.
+#[derive(Debug, Default, Clone)]
 pub struct Phases {
     pub before: usize,
     pub during: usize,
     pub after: usize,
     pub unanswered: usize,
+    pub latencies: [Vec<Duration>; 3],
+}
+
+/// p50 / p99 / max of `latencies` in seconds, or `-` when there are none.
+fn spread(latencies: &[Duration]) -> String {
+    let mut sorted = latencies.to_vec();
+    sorted.sort();
+    let at = |q: f64| {
+        let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+        sorted.get(i).map_or(0.0, Duration::as_secs_f64)
+    };
+    if sorted.is_empty() {
+        return "-".to_owned();
+    }
+    format!("{:.2} / {:.2} / {:.2}", at(0.5), at(0.99), at(1.0))
 }
 
 /// The outage run's own figures.
@@ -155,6 +172,7 @@ impl OutageFigures {
 pub fn figures(
     jobs: &[PlannedJob],
     order: &[usize],
+    published: &PublishLog,
     seen: &Seen,
     f: &Figures,
     plan: &Plan,
@@ -164,16 +182,32 @@ pub fn figures(
 ) -> OutageFigures {
     let mut out = OutageFigures::default();
     let (start, end) = (timeline.started, timeline.ended);
+    let sent = published
+        .first_at
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     for job in jobs {
         let vendor = job.items.first().map_or(Vendor::Mimecast, |i| i.vendor);
         let phases = out.phases.entry(name(vendor)).or_default();
-        match seen.first_answer.get(&job.id) {
-            None => phases.unanswered += 1,
-            Some(&at) if start.is_none_or(|s| at < s) => phases.before += 1,
-            Some(&at) if end.is_none_or(|e| at < e) => phases.during += 1,
-            Some(_) => phases.after += 1,
+        let Some(&at) = seen.first_answer.get(&job.id) else {
+            phases.unanswered += 1;
+            continue;
+        };
+        let phase = if start.is_none_or(|s| at < s) {
+            phases.before += 1;
+            0
+        } else if end.is_none_or(|e| at < e) {
+            phases.during += 1;
+            1
+        } else {
+            phases.after += 1;
+            2
+        };
+        if let Some(&sent) = sent.get(&job.id) {
+            phases.latencies[phase].push(at.saturating_duration_since(sent));
         }
     }
+    drop(sent);
     if let Some(end) = end {
         let published: HashSet<usize> = order[..timeline.published_at_end.min(order.len())]
             .iter()
@@ -245,6 +279,13 @@ pub fn render(out: &mut String, plan: &Plan, o: &OutageFigures, consumer_timeout
                 p.before, p.during, p.after, p.unanswered
             ),
         );
+        for (phase, latencies) in ["before", "during", "after"].iter().zip(&p.latencies) {
+            row(
+                out,
+                &format!("  publish to answer, {phase} (p50 / p99 / max s)"),
+                spread(latencies),
+            );
+        }
     }
     row(
         out,

@@ -57,22 +57,26 @@ pub async fn delete_vhost(vhost: &str) -> anyhow::Result<()> {
 /// Closes every connection in `vhost` except the soak's own; returns how many.
 pub async fn close_worker_connections(vhost: &str) -> anyhow::Result<usize> {
     // The name a client gives its connection shows only in its client
-    // properties (`name` is the peer address pair).
+    // properties (`name` is the peer address pair). `list_connections` ignores
+    // `-p` and lists the whole broker's, so the vhost is filtered here: without
+    // it, a soak closes the workers of every other run on the same broker.
     let listing = rabbitmqctl(&[
         "list_connections",
-        "-p",
-        vhost,
         "pid",
+        "vhost",
         "client_properties",
         "--silent",
     ])
     .await?;
     let mut closed = 0;
     for line in listing.lines() {
-        let Some((pid, properties)) = line.split_once('\t') else {
+        let mut fields = line.splitn(3, '\t');
+        let (Some(pid), Some(their_vhost), Some(properties)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
             continue;
         };
-        if properties.contains(DRIVER_CONNECTION) {
+        if their_vhost.trim() != vhost || properties.contains(DRIVER_CONNECTION) {
             continue;
         }
         rabbitmqctl(&[
@@ -110,6 +114,15 @@ pub async fn queue_counts(vhost: &str) -> anyhow::Result<HashMap<String, (u64, u
     Ok(counts)
 }
 
+/// What the publisher has done so far, for the outage figures.
+#[derive(Debug, Default)]
+pub struct PublishLog {
+    /// Messages published (copies included).
+    pub count: AtomicUsize,
+    /// When each jobId was first published: the start of its publish-to-answer latency.
+    pub first_at: Mutex<HashMap<String, std::time::Instant>>,
+}
+
 /// The soak's connection (spared by the closer) with a confirm channel.
 pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(DRIVER_CONNECTION.into());
@@ -129,7 +142,7 @@ pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
 }
 
 /// Publishes each job (persistent, confirmed), `window` confirms in flight at most,
-/// keeping `count` at the number published so far;
+/// noting in `log` how many are out and when each jobId first went;
 /// with `per_second`, job `n` goes no earlier than `n / per_second` after the
 /// start, so an outage run has jobs of both vendors arriving all along.
 pub async fn publish(
@@ -138,7 +151,7 @@ pub async fn publish(
     jobs: impl Iterator<Item = &PlannedJob>,
     window: usize,
     per_second: Option<f64>,
-    count: &AtomicUsize,
+    log: &PublishLog,
 ) -> anyhow::Result<usize> {
     let mut pending = Vec::with_capacity(window);
     let mut published = 0;
@@ -163,7 +176,12 @@ pub async fn publish(
             .context("publishing a soak job")?;
         pending.push(confirm);
         published += 1;
-        count.store(published, Ordering::SeqCst);
+        log.count.store(published, Ordering::SeqCst);
+        log.first_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(job.id.clone())
+            .or_insert_with(std::time::Instant::now);
         if pending.len() >= window {
             settle(&mut pending).await?;
         }
