@@ -6,6 +6,8 @@
 //! is down for a long stretch instead (see `outage.rs`), and the chaos is off
 //! unless asked for.
 
+mod args;
+mod chaos;
 mod consumer_timeout;
 mod jobs;
 mod outage;
@@ -28,123 +30,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use account_worker::cli::mock::parse_share;
 use account_worker::config::QueueNames;
-use account_worker::mock_vendor::{self, MockVendor, MockVendorConfig, RandomFaults, Vendor};
+use account_worker::mock_vendor::{MockVendor, MockVendorConfig, RandomFaults, Vendor};
 
+use args::{Args, ChaosPlan};
+use chaos::{close_on_schedule, lock, Chaos};
 use tally::Seen;
-use workers::WorkerProcess;
-
-/// Soak the worker under random vendor faults, connection closes and a SIGKILL.
-#[derive(Debug, Parser)]
-struct Args {
-    /// Jobs to publish (each with 1–3 items).
-    #[arg(long, default_value_t = 20_000)]
-    jobs: usize,
-    /// Two workers sharing a Redis ledger (`RATE_LIMIT_SCOPE=fleet`) instead of one
-    /// worker with a file ledger.
-    #[arg(long)]
-    fleet: bool,
-    /// Share of vendor calls the mock faults at random (`5%` or `0.05`; default 5%,
-    /// 0 with `--outage`).
-    #[arg(long, value_parser = parse_share)]
-    fault_rate: Option<f64>,
-    /// Seed of the jobs and of the mock's faults (default: from the clock, printed).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// How often every worker connection is closed (default 20s; never with `--outage`).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    close_every: Option<Duration>,
-    /// SIGKILL (and restart) a worker once this share of the jobs is answered
-    /// (default 30%; never with `--outage`).
-    #[arg(long, value_parser = parse_share)]
-    kill_at: Option<f64>,
-    /// Publish at this many jobs per second instead of all at once, so jobs of
-    /// both vendors keep arriving through an outage.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Hold one vendor fully down for this long: every call to it answers
-    /// `--outage-status` and applies nothing.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    outage: Option<Duration>,
-    /// The vendor the outage takes down: mimecast or pncp.
-    #[arg(long, default_value = "mimecast", value_parser = parse_vendor)]
-    outage_vendor: Vendor,
-    /// The status every call answers during the outage (503: the vendor is down;
-    /// 401: its credentials are refused).
-    #[arg(long, default_value_t = 503, value_parser = clap::value_parser!(u16).range(400..=599))]
-    outage_status: u16,
-    /// When the outage starts, counted from the start of publishing.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    outage_after: Duration,
-    /// Sets the broker's consumer_timeout for the run (before the workers
-    /// connect) and puts the previous value back at the end.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    consumer_timeout: Option<Duration>,
-    /// The workers' HELD_DELIVERY_MAX (keep it well under the consumer timeout).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    held_delivery_max: Option<Duration>,
-    /// The workers' VENDOR_TIMEOUT; the mock's slow calls wait one second longer.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    vendor_timeout: Duration,
-    /// Each worker's WORKER_CONCURRENCY.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Share of jobs a "producer" publishes a second time (same body, up to 300 jobs later).
-    #[arg(long, default_value = "1%", value_parser = parse_share)]
-    producer_retries: f64,
-    /// The `account-worker` binary (default: next to this example's directory).
-    #[arg(long)]
-    worker_bin: Option<PathBuf>,
-    /// Broker without the vhost; the soak makes a vhost of its own with rabbitmqctl.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
-    amqp: String,
-    /// The fleet's Redis ledger: a database of the soak's own.
-    #[arg(long, default_value = "redis://127.0.0.1:6379/11")]
-    redis: String,
-    /// Where worker logs, the file ledger and the report go (one folder per run).
-    #[arg(long, default_value = "target/soak")]
-    out: PathBuf,
-    /// Give up waiting for the jobs after this long (default: 2 min + 40 ms per job).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    timeout: Option<Duration>,
-    /// Keep the run's vhost (and whatever is left in its queues) for inspection.
-    #[arg(long)]
-    keep: bool,
-}
+use workers::{worker_env, WorkerProcess};
 
 /// Exit status when the soak itself could not do what it promises to check.
 const HARNESS_FAILED: i32 = 2;
-
-fn parse_vendor(text: &str) -> Result<Vendor, String> {
-    match text {
-        "mimecast" => Ok(Vendor::Mimecast),
-        "pncp" => Ok(Vendor::Pncp),
-        other => Err(format!("{other:?} is not a vendor; use mimecast or pncp")),
-    }
-}
-
-/// The chaos a run carries out: the defaults, or none with `--outage` (so that
-/// what the outage run measures is the outage), each overridden when asked for.
-#[derive(Debug, Clone, Copy)]
-struct ChaosPlan {
-    fault_rate: f64,
-    close_every: Option<Duration>,
-    kill_at: Option<f64>,
-}
-
-impl ChaosPlan {
-    fn of(args: &Args) -> Self {
-        let calm = args.outage.is_some();
-        Self {
-            fault_rate: args.fault_rate.unwrap_or(if calm { 0.0 } else { 0.05 }),
-            close_every: args
-                .close_every
-                .or((!calm).then_some(Duration::from_secs(20))),
-            kill_at: args.kill_at.or((!calm).then_some(0.3)),
-        }
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -157,16 +52,6 @@ async fn main() {
             std::process::exit(HARNESS_FAILED);
         }
     }
-}
-
-/// What the chaos tasks did, for the report.
-#[derive(Debug, Default)]
-pub struct Chaos {
-    pub close_rounds: usize,
-    pub connections_closed: usize,
-    pub close_errors: Vec<String>,
-    pub killed_at: Option<Duration>,
-    pub unexpected_exits: Vec<String>,
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
@@ -423,7 +308,7 @@ async fn soak(
         }
         if last_progress.elapsed() >= Duration::from_secs(10) {
             last_progress = Instant::now();
-            scrape_all(&client, &ports, &mut counters).await;
+            scrape::scrape_all(&client, &ports, &mut counters).await;
             let c = lock(&chaos);
             println!(
                 "  {:>6.1}s answered {answered}/{} jobs ({answered_mimecast} mimecast, {} pncp), {} published, {} connections closed in {} rounds, worker counters {}",
@@ -433,7 +318,7 @@ async fn soak(
                 published.count.load(Ordering::SeqCst),
                 c.connections_closed,
                 c.close_rounds,
-                shown(&counters),
+                scrape::shown(&counters),
             );
         }
         let outage_done = outage_task.is_none() || outage::ended(&timeline);
@@ -473,7 +358,7 @@ async fn soak(
     }
     let quiescent = quiet_polls >= 2;
     let elapsed = started.elapsed();
-    scrape_all(&client, &ports, &mut counters).await;
+    scrape::scrape_all(&client, &ports, &mut counters).await;
 
     let mut exits = Vec::new();
     for (i, worker) in fleet.into_iter().enumerate() {
@@ -507,17 +392,15 @@ async fn soak(
     let mut outage_ok = true;
     if let Some(outage_plan) = &outage_plan {
         let timeline = outage::lock(&timeline);
-        let o = outage::figures(
-            &jobs,
-            &order,
-            &published,
-            &seen,
-            &figures,
-            outage_plan,
-            &timeline,
-            &summary.requests,
-            report::touches,
-        );
+        let evidence = outage::Evidence {
+            jobs: &jobs,
+            order: &order,
+            published: &published,
+            seen: &seen,
+            figures: &figures,
+            requests: &summary.requests,
+        };
+        let o = outage::figures(&evidence, outage_plan, &timeline, report::touches);
         let o = outage::OutageFigures { counters, ..o };
         let timeout_shown = args
             .consumer_timeout
@@ -549,132 +432,4 @@ async fn soak(
         );
     }
     Ok(figures.promises_hold() && outage_ok)
-}
-
-/// Scrapes each worker's counters, keeping the last answer of one that does not answer now.
-async fn scrape_all(
-    client: &reqwest::Client,
-    ports: &[u16],
-    counters: &mut [Option<scrape::Counters>],
-) {
-    for (port, last) in ports.iter().zip(counters.iter_mut()) {
-        if let Some(now) = scrape::scrape(client, *port).await {
-            *last = Some(now);
-        }
-    }
-}
-
-/// The workers' counters for a progress line.
-fn shown(counters: &[Option<scrape::Counters>]) -> String {
-    let each: Vec<String> = counters
-        .iter()
-        .map(|c| {
-            c.map_or("-".to_owned(), |c| {
-                format!(
-                    "requeued {} reconnects {}",
-                    c.held_requeued, c.broker_reconnects
-                )
-            })
-        })
-        .collect();
-    format!("[{}]", each.join("; "))
-}
-
-fn lock(chaos: &Mutex<Chaos>) -> std::sync::MutexGuard<'_, Chaos> {
-    chaos.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Closes every worker connection each `every`, until `stop`.
-async fn close_on_schedule(
-    vhost: String,
-    every: Duration,
-    chaos: Arc<Mutex<Chaos>>,
-    stop: CancellationToken,
-) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let outcome = rabbit::close_worker_connections(&vhost).await;
-        let mut chaos = lock(&chaos);
-        chaos.close_rounds += 1;
-        match outcome {
-            Ok(closed) => chaos.connections_closed += closed,
-            Err(error) => chaos.close_errors.push(format!("{error:#}")),
-        }
-    }
-}
-
-/// The environment of worker `i`: the mock's demo keys, short retries, and the
-/// file ledger of its own or the fleet's Redis ledger.
-fn worker_env(
-    args: &Args,
-    mock: &MockVendor,
-    amqp_url: &str,
-    queue: &str,
-    dir: &std::path::Path,
-    i: usize,
-    metrics_port: u16,
-) -> HashMap<String, String> {
-    let ledger = if args.fleet {
-        args.redis.clone()
-    } else {
-        format!("file:{}", dir.join(format!("ledger-{i}")).display())
-    };
-    let vars = [
-        ("AMQP_URL", amqp_url.to_owned()),
-        ("JOBS_QUEUE", queue.to_owned()),
-        ("WORKER_CONCURRENCY", args.concurrency.to_string()),
-        ("MIMECAST_BASE_URL", mock.base_url()),
-        (
-            "MIMECAST_ACCESS_KEY",
-            mock_vendor::DEMO_MIMECAST_ACCESS_KEY.to_owned(),
-        ),
-        (
-            "MIMECAST_SECRET_KEY",
-            mock_vendor::DEMO_MIMECAST_SECRET_KEY_B64.to_owned(),
-        ),
-        (
-            "MIMECAST_APP_ID",
-            mock_vendor::DEMO_MIMECAST_APP_ID.to_owned(),
-        ),
-        (
-            "MIMECAST_APP_KEY",
-            mock_vendor::DEMO_MIMECAST_APP_KEY.to_owned(),
-        ),
-        ("PNCP_BASE_URL", mock.pncp_base_url()),
-        (
-            "PNCP_APPLICATION_KEY",
-            mock_vendor::DEMO_PNCP_APPLICATION_KEY.to_owned(),
-        ),
-        (
-            "PNCP_SHARED_SECRET",
-            mock_vendor::DEMO_PNCP_SHARED_SECRET.to_owned(),
-        ),
-        ("RETRY_INITIAL_DELAY", "50ms".to_owned()),
-        ("RETRY_MAX_DELAY", "1s".to_owned()),
-        (
-            "VENDOR_TIMEOUT",
-            humantime::format_duration(args.vendor_timeout).to_string(),
-        ),
-        ("SHUTDOWN_TIMEOUT", "10s".to_owned()),
-        ("LEDGER_URL", ledger),
-        // A fleet run leaves nothing in its Redis database for long.
-        ("LEDGER_RETENTION", "1h".to_owned()),
-        (
-            "RATE_LIMIT_SCOPE",
-            if args.fleet { "fleet" } else { "process" }.to_owned(),
-        ),
-        ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
-        ("RUST_LOG", "info".to_owned()),
-    ];
-    let mut env: HashMap<String, String> =
-        vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    if let Some(held) = args.held_delivery_max {
-        let held = humantime::format_duration(held).to_string();
-        env.insert("HELD_DELIVERY_MAX".to_owned(), held);
-    }
-    env
 }

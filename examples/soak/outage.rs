@@ -168,18 +168,33 @@ impl OutageFigures {
     }
 }
 
+/// What the run published, read and recorded: the outage figures' inputs.
+#[derive(Debug)]
+pub struct Evidence<'a> {
+    pub jobs: &'a [PlannedJob],
+    /// Indexes into `jobs` in publishing order (producer retries included).
+    pub order: &'a [usize],
+    pub published: &'a PublishLog,
+    pub seen: &'a Seen,
+    pub figures: &'a Figures,
+    pub requests: &'a [RecordedRequest],
+}
+
 /// Works out the outage figures from what was published, read and recorded.
 pub fn figures(
-    jobs: &[PlannedJob],
-    order: &[usize],
-    published: &PublishLog,
-    seen: &Seen,
-    f: &Figures,
+    evidence: &Evidence<'_>,
     plan: &Plan,
     timeline: &Timeline,
-    requests: &[RecordedRequest],
     touches: impl Fn(&RecordedRequest, Vendor, &str) -> bool,
 ) -> OutageFigures {
+    let Evidence {
+        jobs,
+        order,
+        published,
+        seen,
+        figures: f,
+        requests,
+    } = *evidence;
     let mut out = OutageFigures::default();
     let (start, end) = (timeline.started, timeline.ended);
     let sent = published

@@ -9,9 +9,9 @@ use serde_json::Value;
 
 use account_worker::mock_vendor::{RecordedRequest, Vendor};
 
+use crate::chaos::Chaos;
 use crate::jobs::PlannedJob;
 use crate::tally::{Figures, Seen};
-use crate::Chaos;
 
 /// How the run went, besides the figures.
 #[derive(Debug)]

@@ -43,6 +43,35 @@ pub async fn scrape(client: &reqwest::Client, port: u16) -> Option<Counters> {
     })
 }
 
+/// Scrapes each worker's counters, keeping the last answer of one that does not answer now.
+pub async fn scrape_all(
+    client: &reqwest::Client,
+    ports: &[u16],
+    counters: &mut [Option<Counters>],
+) {
+    for (port, last) in ports.iter().zip(counters.iter_mut()) {
+        if let Some(now) = scrape(client, *port).await {
+            *last = Some(now);
+        }
+    }
+}
+
+/// The workers' counters for a progress line.
+pub fn shown(counters: &[Option<Counters>]) -> String {
+    let each: Vec<String> = counters
+        .iter()
+        .map(|c| {
+            c.map_or("-".to_owned(), |c| {
+                format!(
+                    "requeued {} reconnects {}",
+                    c.held_requeued, c.broker_reconnects
+                )
+            })
+        })
+        .collect();
+    format!("[{}]", each.join("; "))
+}
+
 /// The value of an unlabelled counter in Prometheus text.
 fn value(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|line| {
