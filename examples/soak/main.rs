@@ -2,16 +2,25 @@
 //! `--fleet`) a shared Redis ledger, while the mock vendor misbehaves at random, every
 //! worker connection is closed on a schedule and a worker is SIGKILLed once; then it
 //! checks that no job was lost, no delta applied twice, no jobId answered two ways and
-//! no item reported succeeded without being applied.
+//! no item reported succeeded without being applied. With `--outage`, one vendor
+//! is down for a long stretch instead (see `outage.rs`), and the chaos is off
+//! unless asked for.
 
+mod args;
+mod chaos;
+mod consumer_timeout;
 mod jobs;
+mod outage;
 mod rabbit;
 mod report;
+mod scrape;
 mod tally;
 mod workers;
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -21,63 +30,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-use account_worker::cli::mock::parse_share;
 use account_worker::config::QueueNames;
-use account_worker::mock_vendor::{self, MockVendor, MockVendorConfig, RandomFaults};
+use account_worker::mock_vendor::{MockVendor, MockVendorConfig, RandomFaults, Vendor};
 
+use args::{Args, ChaosPlan};
+use chaos::{close_on_schedule, lock, Chaos};
 use tally::Seen;
-use workers::WorkerProcess;
-
-/// Soak the worker under random vendor faults, connection closes and a SIGKILL.
-#[derive(Debug, Parser)]
-struct Args {
-    /// Jobs to publish (each with 1–3 items).
-    #[arg(long, default_value_t = 20_000)]
-    jobs: usize,
-    /// Two workers sharing a Redis ledger (`RATE_LIMIT_SCOPE=fleet`) instead of one
-    /// worker with a file ledger.
-    #[arg(long)]
-    fleet: bool,
-    /// Share of vendor calls the mock faults at random (`5%` or `0.05`).
-    #[arg(long, default_value = "5%", value_parser = parse_share)]
-    fault_rate: f64,
-    /// Seed of the jobs and of the mock's faults (default: from the clock, printed).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// How often every worker connection is closed.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
-    close_every: Duration,
-    /// SIGKILL (and restart) a worker once this share of the jobs is answered.
-    #[arg(long, default_value = "30%", value_parser = parse_share)]
-    kill_at: f64,
-    /// The workers' VENDOR_TIMEOUT; the mock's slow calls wait one second longer.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    vendor_timeout: Duration,
-    /// Each worker's WORKER_CONCURRENCY.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Share of jobs a "producer" publishes a second time (same body, up to 300 jobs later).
-    #[arg(long, default_value = "1%", value_parser = parse_share)]
-    producer_retries: f64,
-    /// The `account-worker` binary (default: next to this example's directory).
-    #[arg(long)]
-    worker_bin: Option<PathBuf>,
-    /// Broker without the vhost; the soak makes a vhost of its own with rabbitmqctl.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
-    amqp: String,
-    /// The fleet's Redis ledger: a database of the soak's own.
-    #[arg(long, default_value = "redis://127.0.0.1:6379/11")]
-    redis: String,
-    /// Where worker logs, the file ledger and the report go (one folder per run).
-    #[arg(long, default_value = "target/soak")]
-    out: PathBuf,
-    /// Give up waiting for the jobs after this long (default: 2 min + 40 ms per job).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    timeout: Option<Duration>,
-    /// Keep the run's vhost (and whatever is left in its queues) for inspection.
-    #[arg(long)]
-    keep: bool,
-}
+use workers::{worker_env, WorkerProcess};
 
 /// Exit status when the soak itself could not do what it promises to check.
 const HARNESS_FAILED: i32 = 2;
@@ -93,16 +52,6 @@ async fn main() {
             std::process::exit(HARNESS_FAILED);
         }
     }
-}
-
-/// What the chaos tasks did, for the report.
-#[derive(Debug, Default)]
-pub struct Chaos {
-    pub close_rounds: usize,
-    pub connections_closed: usize,
-    pub close_errors: Vec<String>,
-    pub killed_at: Option<Duration>,
-    pub unexpected_exits: Vec<String>,
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
@@ -132,24 +81,71 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     };
     let amqp_url = format!("{}/{vhost}", args.amqp.trim_end_matches('/'));
     let workers_count = if args.fleet { 2 } else { 1 };
+    let chaos = ChaosPlan::of(&args);
     println!(
-        "soak {run_id}: {} jobs, {} worker(s){}, faults {:.1}% (seed {seed}), closes every {:?}, vhost {vhost}, logs in {}",
+        "soak {run_id}: {} jobs, {} worker(s){}, faults {:.1}% (seed {seed}), closes every {:?}, kill at {:?}, vhost {vhost}, logs in {}",
         args.jobs,
         workers_count,
         if args.fleet { " sharing a Redis ledger" } else { " with a file ledger" },
-        args.fault_rate * 100.0,
-        args.close_every,
+        chaos.fault_rate * 100.0,
+        chaos.close_every,
+        chaos.kill_at,
         dir.display()
     );
 
-    rabbit::create_vhost(&vhost, &user).await?;
-    let outcome = soak(&args, seed, &run_id, &amqp_url, &vhost, &names, &dir, &bin).await;
+    let previous_timeout = match args.consumer_timeout {
+        Some(timeout) => {
+            let previous = consumer_timeout::read().await?;
+            consumer_timeout::set(timeout).await?;
+            println!("  broker consumer_timeout {timeout:?} for the run (was {previous:?})");
+            Some(previous)
+        }
+        None => None,
+    };
+    let outcome = match rabbit::create_vhost(&vhost, &user).await {
+        Ok(()) => {
+            let soak = soak(
+                &args, chaos, seed, &run_id, &amqp_url, &vhost, &names, &dir, &bin,
+            );
+            // Dropping the run on a signal kills the workers (kill_on_drop) and
+            // ends the outage with the mock; the broker setting is put back below.
+            tokio::select! {
+                outcome = soak => outcome,
+                signal = stop_signal() => Err(anyhow::anyhow!("interrupted by {signal}")),
+            }
+        }
+        Err(error) => Err(error),
+    };
     if !args.keep {
         if let Err(error) = rabbit::delete_vhost(&vhost).await {
             eprintln!("soak: could not delete vhost {vhost}: {error:#}");
         }
     }
+    if let Some(previous) = previous_timeout {
+        match consumer_timeout::restore(previous).await {
+            Ok(()) => println!("  broker consumer_timeout put back ({previous:?})"),
+            Err(error) => eprintln!(
+                "soak: could not put the broker's consumer_timeout back to {previous:?}: {error:#}"
+            ),
+        }
+    }
     outcome
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it, so the run can put the broker back
+/// before it exits.
+async fn stop_signal() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 fn default_worker_bin() -> anyhow::Result<PathBuf> {
@@ -165,6 +161,7 @@ fn default_worker_bin() -> anyhow::Result<PathBuf> {
 #[allow(clippy::too_many_arguments)]
 async fn soak(
     args: &Args,
+    plan: ChaosPlan,
     seed: u64,
     run_id: &str,
     amqp_url: &str,
@@ -177,7 +174,7 @@ async fn soak(
     let delay_ms = u64::try_from(args.vendor_timeout.as_millis())? + 1_000;
     mock.set_random_faults(Some(RandomFaults {
         delay_ms,
-        ..RandomFaults::new(args.fault_rate, seed)
+        ..RandomFaults::new(plan.fault_rate, seed)
     }));
 
     let (connection, channel) = rabbit::connect(amqp_url).await?;
@@ -190,8 +187,11 @@ async fn soak(
     ));
 
     let mut fleet = Vec::new();
+    let mut ports = Vec::new();
     for i in 0..if args.fleet { 2 } else { 1 } {
-        let env = worker_env(args, &mock, amqp_url, &names.jobs, dir, i);
+        let port = scrape::free_port()?;
+        let env = worker_env(args, &mock, amqp_url, &names.jobs, dir, i, port);
+        ports.push(port);
         fleet.push(WorkerProcess::start(
             bin,
             env,
@@ -213,26 +213,61 @@ async fn soak(
     let retries = order.len() - jobs.len();
 
     let chaos = Arc::new(Mutex::new(Chaos::default()));
-    let stop_closing = CancellationToken::new();
-    let closer = tokio::spawn(close_on_schedule(
-        vhost.to_owned(),
-        args.close_every,
-        Arc::clone(&chaos),
-        stop_closing.clone(),
-    ));
+    let stop_chaos = CancellationToken::new();
+    let closer = plan.close_every.map(|every| {
+        tokio::spawn(close_on_schedule(
+            vhost.to_owned(),
+            every,
+            Arc::clone(&chaos),
+            stop_chaos.clone(),
+        ))
+    });
+
+    let published = Arc::new(rabbit::PublishLog::default());
+    let outage_plan = args.outage.map(|length| outage::Plan {
+        vendor: args.outage_vendor,
+        status: args.outage_status,
+        after: args.outage_after,
+        length,
+    });
+    let timeline = Arc::new(Mutex::new(outage::Timeline::default()));
+    let outage_task = outage_plan.map(|p| {
+        tokio::spawn(outage::drive(
+            mock.clone(),
+            p,
+            Arc::clone(&timeline),
+            Arc::clone(&published),
+            stop_chaos.clone(),
+        ))
+    });
 
     let started = Instant::now();
     let publisher = {
         let channel = channel.clone();
         let queue = names.jobs.clone();
         let bodies: Vec<_> = order.iter().map(|&i| jobs[i].clone()).collect();
-        tokio::spawn(async move { rabbit::publish(&channel, &queue, bodies.iter(), 500).await })
+        let (rate, published) = (args.rate, Arc::clone(&published));
+        tokio::spawn(async move {
+            rabbit::publish(&channel, &queue, bodies.iter(), 500, rate, &published).await
+        })
     };
 
-    let timeout = args
-        .timeout
-        .unwrap_or(Duration::from_secs(120) + Duration::from_millis(40) * args.jobs as u32);
-    let kill_after = (args.kill_at * jobs.len() as f64).ceil() as usize;
+    let publishing = args.rate.map_or(Duration::ZERO, |r| {
+        Duration::from_secs_f64(order.len() as f64 / r)
+    });
+    let outage_span = args
+        .outage
+        .map_or(Duration::ZERO, |l| args.outage_after + l);
+    let timeout = args.timeout.unwrap_or(
+        Duration::from_secs(120)
+            + Duration::from_millis(40) * args.jobs as u32
+            + publishing.max(outage_span),
+    );
+    let kill_after = plan
+        .kill_at
+        .map(|share| (share * jobs.len() as f64).ceil() as usize);
+    let client = reqwest::Client::new();
+    let mut counters: Vec<Option<scrape::Counters>> = vec![None; ports.len()];
     let mut all_answered_at = None;
     let mut last_progress = Instant::now();
     let mut publisher = Some(publisher);
@@ -243,12 +278,16 @@ async fn soak(
                 done.await.context("the publisher panicked")??;
             }
         }
-        let answered = {
+        let (answered, answered_mimecast) = {
             let seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
-            jobs.iter().filter(|job| seen.answered(&job.id)).count()
+            let answered = jobs.iter().filter(|job| seen.answered(&job.id));
+            answered.fold((0, 0), |(all, mimecast), job| {
+                let is_mimecast = job.items.first().map(|i| i.vendor) == Some(Vendor::Mimecast);
+                (all + 1, mimecast + usize::from(is_mimecast))
+            })
         };
         let killed = lock(&chaos).killed_at.is_some();
-        if !killed && answered >= kill_after {
+        if !killed && kill_after.is_some_and(|after| answered >= after) {
             fleet[0].kill_and_restart().await?;
             lock(&chaos).killed_at = Some(started.elapsed());
             println!(
@@ -269,16 +308,21 @@ async fn soak(
         }
         if last_progress.elapsed() >= Duration::from_secs(10) {
             last_progress = Instant::now();
+            scrape::scrape_all(&client, &ports, &mut counters).await;
             let c = lock(&chaos);
             println!(
-                "  {:>6.1}s answered {answered}/{} jobs, {} connections closed in {} rounds",
+                "  {:>6.1}s answered {answered}/{} jobs ({answered_mimecast} mimecast, {} pncp), {} published, {} connections closed in {} rounds, worker counters {}",
                 started.elapsed().as_secs_f64(),
                 jobs.len(),
+                answered - answered_mimecast,
+                published.count.load(Ordering::SeqCst),
                 c.connections_closed,
-                c.close_rounds
+                c.close_rounds,
+                scrape::shown(&counters),
             );
         }
-        if answered == jobs.len() && publisher.is_none() {
+        let outage_done = outage_task.is_none() || outage::ended(&timeline);
+        if answered == jobs.len() && publisher.is_none() && outage_done {
             all_answered_at = Some(started.elapsed());
             break;
         }
@@ -290,8 +334,13 @@ async fn soak(
             break;
         }
     }
-    stop_closing.cancel();
-    let _ = closer.await;
+    stop_chaos.cancel();
+    if let Some(closer) = closer {
+        let _ = closer.await;
+    }
+    if let Some(outage_task) = outage_task {
+        let _ = outage_task.await;
+    }
 
     // Quiescence: nothing ready or unacked anywhere, twice in a row, so late
     // copies (redeliveries, producer retries) are answered and read too.
@@ -309,6 +358,7 @@ async fn soak(
     }
     let quiescent = quiet_polls >= 2;
     let elapsed = started.elapsed();
+    scrape::scrape_all(&client, &ports, &mut counters).await;
 
     let mut exits = Vec::new();
     for (i, worker) in fleet.into_iter().enumerate() {
@@ -336,107 +386,50 @@ async fn soak(
         exits,
         requests: mock.requests(),
     };
-    let text = report::render(&summary, &figures, &chaos, &seen, &jobs);
-    println!("{text}");
-    std::fs::write(dir.join("report.txt"), &text)?;
-    let harness_ok = report::harness_problems(&summary, &chaos, args.close_every).is_empty();
-    if !harness_ok {
-        anyhow::bail!(
-            "the soak did not carry out its chaos: {}",
-            report::harness_problems(&summary, &chaos, args.close_every).join("; ")
+    let mut text = report::render(&summary, &figures, &chaos, &seen, &jobs);
+    let mut problems =
+        report::harness_problems(&summary, &chaos, plan.close_every, plan.kill_at.is_some());
+    let mut outage_ok = true;
+    if let Some(outage_plan) = &outage_plan {
+        let timeline = outage::lock(&timeline);
+        let evidence = outage::Evidence {
+            jobs: &jobs,
+            order: &order,
+            published: &published,
+            seen: &seen,
+            figures: &figures,
+            requests: &summary.requests,
+        };
+        let o = outage::figures(&evidence, outage_plan, &timeline, report::touches);
+        let o = outage::OutageFigures { counters, ..o };
+        let timeout_shown = args
+            .consumer_timeout
+            .map_or("unchanged".to_owned(), |t| format!("{t:?}"));
+        outage::render(&mut text, outage_plan, &o, &timeout_shown);
+        if timeline.started.is_none() || timeline.ended.is_none() {
+            problems.push("the outage did not run its course".to_owned());
+        } else if o.backlog_at_end == 0 {
+            problems.push("no job of the held vendor waited out the outage; publish for longer (--jobs, --rate)".to_owned());
+        }
+        let broken = o.broken(outage_plan, &figures);
+        outage_ok = broken.is_empty();
+        let _ = writeln!(
+            text,
+            "\n{}",
+            if outage_ok {
+                "PASS: every held job came through the outage".to_owned()
+            } else {
+                format!("FAIL: {}", broken.join("; "))
+            }
         );
     }
-    Ok(figures.promises_hold())
-}
-
-fn lock(chaos: &Mutex<Chaos>) -> std::sync::MutexGuard<'_, Chaos> {
-    chaos.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Closes every worker connection each `every`, until `stop`.
-async fn close_on_schedule(
-    vhost: String,
-    every: Duration,
-    chaos: Arc<Mutex<Chaos>>,
-    stop: CancellationToken,
-) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let outcome = rabbit::close_worker_connections(&vhost).await;
-        let mut chaos = lock(&chaos);
-        chaos.close_rounds += 1;
-        match outcome {
-            Ok(closed) => chaos.connections_closed += closed,
-            Err(error) => chaos.close_errors.push(format!("{error:#}")),
-        }
+    println!("{text}");
+    std::fs::write(dir.join("report.txt"), &text)?;
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the soak did not carry out what it checks: {}",
+            problems.join("; ")
+        );
     }
-}
-
-/// The environment of worker `i`: the mock's demo keys, short retries, and the
-/// file ledger of its own or the fleet's Redis ledger.
-fn worker_env(
-    args: &Args,
-    mock: &MockVendor,
-    amqp_url: &str,
-    queue: &str,
-    dir: &std::path::Path,
-    i: usize,
-) -> HashMap<String, String> {
-    let ledger = if args.fleet {
-        args.redis.clone()
-    } else {
-        format!("file:{}", dir.join(format!("ledger-{i}")).display())
-    };
-    let vars = [
-        ("AMQP_URL", amqp_url.to_owned()),
-        ("JOBS_QUEUE", queue.to_owned()),
-        ("WORKER_CONCURRENCY", args.concurrency.to_string()),
-        ("MIMECAST_BASE_URL", mock.base_url()),
-        (
-            "MIMECAST_ACCESS_KEY",
-            mock_vendor::DEMO_MIMECAST_ACCESS_KEY.to_owned(),
-        ),
-        (
-            "MIMECAST_SECRET_KEY",
-            mock_vendor::DEMO_MIMECAST_SECRET_KEY_B64.to_owned(),
-        ),
-        (
-            "MIMECAST_APP_ID",
-            mock_vendor::DEMO_MIMECAST_APP_ID.to_owned(),
-        ),
-        (
-            "MIMECAST_APP_KEY",
-            mock_vendor::DEMO_MIMECAST_APP_KEY.to_owned(),
-        ),
-        ("PNCP_BASE_URL", mock.pncp_base_url()),
-        (
-            "PNCP_APPLICATION_KEY",
-            mock_vendor::DEMO_PNCP_APPLICATION_KEY.to_owned(),
-        ),
-        (
-            "PNCP_SHARED_SECRET",
-            mock_vendor::DEMO_PNCP_SHARED_SECRET.to_owned(),
-        ),
-        ("RETRY_INITIAL_DELAY", "50ms".to_owned()),
-        ("RETRY_MAX_DELAY", "1s".to_owned()),
-        (
-            "VENDOR_TIMEOUT",
-            humantime::format_duration(args.vendor_timeout).to_string(),
-        ),
-        ("SHUTDOWN_TIMEOUT", "10s".to_owned()),
-        ("LEDGER_URL", ledger),
-        // A fleet run leaves nothing in its Redis database for long.
-        ("LEDGER_RETENTION", "1h".to_owned()),
-        (
-            "RATE_LIMIT_SCOPE",
-            if args.fleet { "fleet" } else { "process" }.to_owned(),
-        ),
-        ("METRICS_ADDR", "127.0.0.1:0".to_owned()),
-        ("RUST_LOG", "info".to_owned()),
-    ];
-    vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    Ok(figures.promises_hold() && outage_ok)
 }

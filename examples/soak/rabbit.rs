@@ -2,6 +2,7 @@
 //! results and dead letters, queue counts, and closing the workers' connections.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
@@ -56,22 +57,26 @@ pub async fn delete_vhost(vhost: &str) -> anyhow::Result<()> {
 /// Closes every connection in `vhost` except the soak's own; returns how many.
 pub async fn close_worker_connections(vhost: &str) -> anyhow::Result<usize> {
     // The name a client gives its connection shows only in its client
-    // properties (`name` is the peer address pair).
+    // properties (`name` is the peer address pair). `list_connections` ignores
+    // `-p` and lists the whole broker's, so the vhost is filtered here: without
+    // it, a soak closes the workers of every other run on the same broker.
     let listing = rabbitmqctl(&[
         "list_connections",
-        "-p",
-        vhost,
         "pid",
+        "vhost",
         "client_properties",
         "--silent",
     ])
     .await?;
     let mut closed = 0;
     for line in listing.lines() {
-        let Some((pid, properties)) = line.split_once('\t') else {
+        let mut fields = line.splitn(3, '\t');
+        let (Some(pid), Some(their_vhost), Some(properties)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
             continue;
         };
-        if properties.contains(DRIVER_CONNECTION) {
+        if their_vhost.trim() != vhost || properties.contains(DRIVER_CONNECTION) {
             continue;
         }
         rabbitmqctl(&[
@@ -109,6 +114,15 @@ pub async fn queue_counts(vhost: &str) -> anyhow::Result<HashMap<String, (u64, u
     Ok(counts)
 }
 
+/// What the publisher has done so far, for the outage figures.
+#[derive(Debug, Default)]
+pub struct PublishLog {
+    /// Messages published (copies included).
+    pub count: AtomicUsize,
+    /// When each jobId was first published: the start of its publish-to-answer latency.
+    pub first_at: Mutex<HashMap<String, std::time::Instant>>,
+}
+
 /// The soak's connection (spared by the closer) with a confirm channel.
 pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(DRIVER_CONNECTION.into());
@@ -127,16 +141,26 @@ pub async fn connect(url: &str) -> anyhow::Result<(Connection, Channel)> {
     Ok((connection, channel))
 }
 
-/// Publishes each job (persistent, confirmed), `window` confirms in flight at most.
+/// Publishes each job (persistent, confirmed), `window` confirms in flight at most,
+/// noting in `log` how many are out and when each jobId first went;
+/// with `per_second`, job `n` goes no earlier than `n / per_second` after the
+/// start, so an outage run has jobs of both vendors arriving all along.
 pub async fn publish(
     channel: &Channel,
     queue: &str,
     jobs: impl Iterator<Item = &PlannedJob>,
     window: usize,
+    per_second: Option<f64>,
+    log: &PublishLog,
 ) -> anyhow::Result<usize> {
     let mut pending = Vec::with_capacity(window);
     let mut published = 0;
+    let started = tokio::time::Instant::now();
     for job in jobs {
+        if let Some(rate) = per_second {
+            let due = started + std::time::Duration::from_secs_f64(published as f64 / rate);
+            tokio::time::sleep_until(due).await;
+        }
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
@@ -152,6 +176,12 @@ pub async fn publish(
             .context("publishing a soak job")?;
         pending.push(confirm);
         published += 1;
+        log.count.store(published, Ordering::SeqCst);
+        log.first_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(job.id.clone())
+            .or_insert_with(std::time::Instant::now);
         if pending.len() >= window {
             settle(&mut pending).await?;
         }
@@ -222,7 +252,10 @@ fn record_result(seen: &mut Seen, body: &[u8]) {
         .and_then(Value::as_str)
         .map(str::to_owned);
     match (job_id, parsed) {
-        (Some(id), Some(result)) => seen.results.entry(id).or_default().push(result),
+        (Some(id), Some(result)) => {
+            seen.note_answer(&id);
+            seen.results.entry(id).or_default().push(result);
+        }
         _ => seen.strays += 1,
     }
 }
@@ -237,7 +270,10 @@ fn record_dead_letter(seen: &mut Seen, delivery: &lapin::message::Delivery) {
     });
     let code = header("x-error-code").unwrap_or_else(|| "(no x-error-code)".into());
     match job_id {
-        Some(id) => seen.dead.entry(id).or_default().push(code),
+        Some(id) => {
+            seen.note_answer(&id);
+            seen.dead.entry(id).or_default().push(code);
+        }
         None => seen.strays += 1,
     }
 }

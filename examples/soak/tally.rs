@@ -1,6 +1,7 @@
 //! What the soak saw (results, dead letters, the mock's applied counts) turned into its figures.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -17,12 +18,22 @@ pub struct Seen {
     pub dead: HashMap<String, Vec<String>>,
     /// Results or dead letters with no jobId the soak published.
     pub strays: usize,
+    /// When each jobId's first result or dead letter was read, so an outage run
+    /// can tell jobs answered before, during and after the outage apart.
+    pub first_answer: HashMap<String, Instant>,
 }
 
 impl Seen {
     /// Whether the job has an answer: a result or a dead letter.
     pub fn answered(&self, job: &str) -> bool {
         self.results.contains_key(job) || self.dead.contains_key(job)
+    }
+
+    /// Notes that `job` was answered now, if it was not before.
+    pub fn note_answer(&mut self, job: &str) {
+        if !self.first_answer.contains_key(job) {
+            self.first_answer.insert(job.to_owned(), Instant::now());
+        }
     }
 }
 
@@ -39,6 +50,9 @@ pub struct Figures {
     pub succeeded_not_applied: Vec<String>,
     /// Items reported `err_outcome_unknown`, and how many of those the mock did apply.
     pub unknown: usize,
+    /// The accounts of those items, so an outage run can tell which of them a
+    /// vendor answer that may have applied (a fault) explains.
+    pub unknown_accounts: Vec<(Vendor, String)>,
     pub unknown_applied: usize,
     /// Result messages beyond the first for their jobId.
     pub duplicates: usize,
@@ -190,6 +204,7 @@ fn check_result(
         if code == "err_outcome_unknown" {
             if first {
                 f.unknown += 1;
+                f.unknown_accounts.push((item.vendor, item.account.clone()));
                 f.unknown_applied += usize::from(count > 0);
             }
         } else if count > 0 && first {

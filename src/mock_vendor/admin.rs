@@ -27,6 +27,7 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
         .route("/admin/latency", post(latency))
         .route("/admin/throttle", post(throttle))
         .route("/admin/random-faults", post(random_faults))
+        .route("/admin/outage", post(outage))
         .route("/admin/reset", post(reset))
 }
 
@@ -121,6 +122,31 @@ async fn throttle(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         }
         Err(message) => bad_request(message),
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutageBody {
+    vendor: Vendor,
+    /// The status every request answers; `null` ends the outage.
+    status: Option<u16>,
+}
+
+/// Body: `{"vendor": "mimecast", "status": 503}` starts a full outage of the
+/// vendor, `{"vendor": "mimecast", "status": null}` ends it
+/// ([`super::MockVendor::set_outage`]).
+async fn outage(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let body = match parse::<OutageBody>(&body) {
+        Ok(body) => body,
+        Err(message) => return bad_request(message),
+    };
+    if let Some(status) = body.status.filter(|s| !(400..=599).contains(s)) {
+        return bad_request(format!(
+            "outage status {status} is not an error status (400 to 599)"
+        ));
+    }
+    shared.lock().outage[body.vendor] = body.status;
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Body: a [`RandomFaults`] (`{"rate": 0.05, "seed": 1, "delay_ms": 3000}`);

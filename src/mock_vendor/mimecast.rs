@@ -48,8 +48,8 @@ pub(super) async fn update_account(
         let mut inner = shared.lock();
         let (verdict, rate) = admit(&mut inner, checked, body_ok, now_ms);
         if let Err(rejection) = verdict {
-            if rejection.status == StatusCode::TOO_MANY_REQUESTS {
-                pending.set_fault("throttled");
+            if let Some(kind) = rejection.fault {
+                pending.set_fault(kind);
             }
             pending.finish(&mut inner, rejection.status.as_u16(), false);
             drop(inner);
@@ -79,6 +79,9 @@ struct Rejection {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The fault kind to record when the mock's steering (throttle, outage)
+    /// refused the request rather than a vendor check.
+    fault: Option<&'static str>,
 }
 
 impl Rejection {
@@ -87,6 +90,23 @@ impl Rejection {
             status: StatusCode::UNAUTHORIZED,
             code,
             message: message.into(),
+            fault: None,
+        }
+    }
+
+    /// The answer of a request that arrives during the vendor's full outage.
+    fn outage(status: u16) -> Self {
+        let status = status_code(status);
+        let code = match status.as_u16() {
+            401 => "err_xdk_invalid_access_key",
+            403 => "err_xdk_forbidden",
+            _ => "err_service_unavailable",
+        };
+        Self {
+            status,
+            code,
+            message: format!("Vendor outage (mock): HTTP {}", status.as_u16()),
+            fault: Some(super::OUTAGE_FAULT),
         }
     }
 }
@@ -110,6 +130,7 @@ fn check_headers<'a>(
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
             code: "err_invalid_content_type",
             message: "Content-Type must be application/json".into(),
+            fault: None,
         });
     }
     let Some((access_key, signature)) = header_str(headers, "authorization")
@@ -161,7 +182,7 @@ fn check_headers<'a>(
     })
 }
 
-/// Checks 5–7 and the throttle, under the lock so a request id is claimed atomically;
+/// Checks 5–7, the vendor's outage and the throttle, under the lock so a request id is claimed atomically;
 /// returns the verdict and the quota to report.
 fn admit(
     inner: &mut Inner,
@@ -193,8 +214,13 @@ fn admit(
                 status: StatusCode::BAD_REQUEST,
                 code: "err_invalid_request_body",
                 message: "The body must be a JSON object with a 'data' array".into(),
+                fault: None,
             })
         }
+    });
+    let verdict = verdict.and_then(|()| match inner.outage_status(Vendor::Mimecast) {
+        Some(status) => Err(Rejection::outage(status)),
+        None => Ok(()),
     });
     let throttle = &mut inner.throttles[Vendor::Mimecast];
     match verdict {
@@ -206,6 +232,7 @@ fn admit(
                     status: StatusCode::TOO_MANY_REQUESTS,
                     code: "err_rate_limit_exceeded",
                     message: format!("Rate limit exceeded, retry in {} ms", rate.reset_ms),
+                    fault: Some("throttled"),
                 }),
                 rate,
             ),

@@ -51,6 +51,9 @@ pub const DEMO_MIMECAST_APP_KEY: &str = "demo-app-key";
 pub const DEMO_PNCP_APPLICATION_KEY: &str = "demo-pncp-app-key";
 /// Demo PNCP shared secret (the HMAC-SHA256 key).
 pub const DEMO_PNCP_SHARED_SECRET: &str = "demo-pncp-shared-secret";
+/// [`RecordedRequest::fault`] of a request answered by a vendor's full outage
+/// ([`MockVendor::set_outage`]).
+pub const OUTAGE_FAULT: &str = "outage";
 /// PNCP API root path on the mock; `PNCP_BASE_URL` = `http://ADDR/pncp-external-api-rest`.
 pub const PNCP_ROOT: &str = "/pncp-external-api-rest";
 /// The PNCP media type the vendor's page documents, and the mock's default.
@@ -214,6 +217,17 @@ impl MockVendor {
     pub fn set_throttle(&self, vendor: Vendor, per_second: Option<u32>) {
         let now_ms = self.shared.elapsed_ms();
         self.shared.lock().throttles[vendor].set(per_second, now_ms);
+    }
+
+    /// Starts (`Some(status)`) or ends (`None`) a full outage of `vendor`: from
+    /// the next request on, every call to it (Mimecast update-account, PNCP
+    /// Modify Account and task polls) that passes the vendor's checks answers
+    /// `status` with the vendor's error shape, applies nothing, and is recorded
+    /// with the fault kind [`OUTAGE_FAULT`]. Queued and random faults wait until
+    /// it ends. It is how a soak holds one vendor down for minutes while the
+    /// other keeps answering.
+    pub fn set_outage(&self, vendor: Vendor, status: Option<u16>) {
+        self.shared.lock().outage[vendor] = status;
     }
 
     /// Forgets accounts, recorded requests, queued faults, tasks and seen request ids;

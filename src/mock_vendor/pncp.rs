@@ -173,8 +173,10 @@ fn pending(
     Pending::new(shared, Vendor::Pncp, method, path, request_id, body)
 }
 
-/// Records a refusal and returns its response, or takes from the throttle and
-/// returns `None` when the request may go on.
+/// Records a refusal (a failed check, the vendor's outage, the throttle) and
+/// returns its response, or takes from the throttle and returns `None` when the
+/// request may go on. Both endpoints come through here, so an outage answers
+/// task polls too.
 fn refuse_or_admit(
     shared: &Shared,
     pending: &mut Pending,
@@ -182,9 +184,15 @@ fn refuse_or_admit(
 ) -> Option<Response> {
     let now_ms = shared.elapsed_ms();
     let mut inner = shared.lock();
-    let refusal = match checked {
-        Err((status, description)) => error_response(status, &description),
-        Ok(()) => match inner.throttles[Vendor::Pncp].take(now_ms) {
+    let refusal = match (checked, inner.outage_status(Vendor::Pncp)) {
+        (Err((status, description)), _) => error_response(status, &description),
+        (Ok(()), Some(status)) => {
+            let status = status_code(status);
+            pending.set_fault(super::OUTAGE_FAULT);
+            let description = format!("Vendor outage (mock): HTTP {}", status.as_u16());
+            error_response(status, &description)
+        }
+        (Ok(()), None) => match inner.throttles[Vendor::Pncp].take(now_ms) {
             Ok(_) => return None,
             Err(rate) => {
                 pending.set_fault("throttled");

@@ -102,6 +102,9 @@ pub(super) struct Inner {
     pub(super) applied: PerVendor<HashMap<String, usize>>,
     pub(super) faults: PerVendor<VecDeque<Fault>>,
     pub(super) throttles: PerVendor<Throttle>,
+    /// The status every request to the vendor answers while its full outage is
+    /// on ([`super::MockVendor::set_outage`]); nothing is applied meanwhile.
+    pub(super) outage: PerVendor<Option<u16>>,
     pub(super) tasks: HashMap<String, Task>,
     /// The random fault mode, when on: draws a fault for requests that find none queued.
     pub(super) random: Option<RandomDraw>,
@@ -120,6 +123,7 @@ impl Inner {
             applied: PerVendor::default(),
             faults: PerVendor::default(),
             throttles: PerVendor::default(),
+            outage: PerVendor::default(),
             tasks: HashMap::new(),
             random: None,
         }
@@ -137,6 +141,14 @@ impl Inner {
             .or_else(|| self.random.as_mut().and_then(RandomDraw::next))
     }
 
+    /// The status a request to `vendor` answers instead of being served, while
+    /// the vendor's full outage is on. Checked after the vendor's own checks and
+    /// before its throttle, so an outage answers like a proxy in front of a
+    /// vendor that is down: one status for everything, nothing applied.
+    pub(super) fn outage_status(&self, vendor: Vendor) -> Option<u16> {
+        self.outage[vendor]
+    }
+
     /// A receiver of the number of admitted requests.
     pub(super) fn subscribe_admitted(&self) -> watch::Receiver<usize> {
         self.admitted.subscribe()
@@ -147,8 +159,8 @@ impl Inner {
         self.recorded.subscribe()
     }
 
-    /// Clears everything a test run leaves behind, keeping latency, throttles and
-    /// the random fault mode.
+    /// Clears everything a test run leaves behind, keeping latency, throttles,
+    /// outages and the random fault mode (they steer the mock, like its config).
     pub(super) fn reset(&mut self) {
         self.records.clear();
         self.recorded.send_replace(0);

@@ -194,3 +194,72 @@ async fn random_faults_follow_queued_ones_fault_every_call_at_rate_one_and_stop_
     assert_eq!(calm.status(), 200);
     assert_eq!(mock.requests().last().unwrap().fault, None);
 }
+
+#[tokio::test]
+async fn an_outage_answers_its_status_to_one_vendor_applies_nothing_and_ends_on_request() {
+    let mock = start_mock().await;
+    let client = reqwest::Client::new();
+    let outage = |body: Value| {
+        client
+            .post(format!("{}/admin/outage", mock.base_url()))
+            .json(&body)
+            .send()
+    };
+    mock.push_fault(Vendor::Mimecast, Fault::Status { status: 418 });
+    let on = outage(json!({"vendor": "mimecast", "status": 503}));
+    assert_eq!(on.await.unwrap().status(), 204);
+
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let response = MimecastCall::new(update(&format!("O{i}")))
+            .send(&client, &mock)
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    let other = super::pncp_put(
+        &client,
+        &mock,
+        "77",
+        &json!({"name": "Up", "email": "up@client.test"}),
+    )
+    .send()
+    .await
+    .unwrap();
+
+    assert_eq!(statuses, [503, 503, 503]);
+    assert_eq!(other.status(), 200, "the other vendor keeps answering");
+    let records = mock.requests();
+    for record in &records[..3] {
+        assert_eq!(
+            (record.fault.as_deref(), record.applied),
+            (Some("outage"), false)
+        );
+    }
+    assert!(mock.mimecast_account("O0").is_none());
+
+    assert_eq!(
+        outage(json!({"vendor": "mimecast", "status": 200}))
+            .await
+            .unwrap()
+            .status(),
+        400,
+        "an outage answers an error status"
+    );
+    let off = outage(json!({"vendor": "mimecast", "status": null}));
+    assert_eq!(off.await.unwrap().status(), 204);
+    let mut after = Vec::new();
+    for _ in 0..2 {
+        let response = MimecastCall::new(update("BACK"))
+            .send(&client, &mock)
+            .await
+            .unwrap();
+        after.push(response.status().as_u16());
+    }
+    assert_eq!(
+        after,
+        [418, 200],
+        "the queued fault waited for the outage to end"
+    );
+    assert_eq!(mock.applied_count(Vendor::Mimecast, "BACK"), 1);
+}

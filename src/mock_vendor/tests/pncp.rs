@@ -207,3 +207,57 @@ async fn drop_after_apply_stores_the_account_but_the_client_sees_an_error() {
     assert!(outcome.is_err());
     assert_eq!(mock.applied_count(Vendor::Pncp, "99"), 1);
 }
+
+#[tokio::test]
+async fn an_outage_refuses_modify_and_task_polls_until_it_ends() {
+    let mock = start_mock().await;
+    let client = reqwest::Client::new();
+    mock.push_fault(
+        Vendor::Pncp,
+        Fault::AcceptedTask {
+            succeed: true,
+            polls: 0,
+        },
+    );
+    let accepted = pncp_put(&client, &mock, "99", &account_body())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = accepted.json().await.unwrap();
+    let task_url = body["resourceURL"].as_str().unwrap().to_owned();
+
+    mock.set_outage(Vendor::Pncp, Some(401));
+    let refused = pncp_put(&client, &mock, "98", &account_body())
+        .send()
+        .await
+        .unwrap();
+    let poll = pncp_get(&client, &mock, &task_url).send().await.unwrap();
+
+    assert_eq!(
+        (refused.status().as_u16(), poll.status().as_u16()),
+        (401, 401)
+    );
+    assert!(header(&poll, "x-application-error-description").is_some());
+    assert!(mock.pncp_account("98").is_none());
+    assert!(mock.pncp_account("99").is_none(), "the task did not close");
+    let faults: Vec<_> = mock.requests().into_iter().map(|r| r.fault).collect();
+    assert_eq!(
+        faults,
+        [
+            Some("accepted_task".into()),
+            Some("outage".into()),
+            Some("outage".into())
+        ]
+    );
+
+    mock.set_outage(Vendor::Pncp, None);
+    let poll: Value = pncp_get(&client, &mock, &task_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(poll["state"], "CLOSED");
+    assert_eq!(mock.applied_count(Vendor::Pncp, "99"), 1);
+}
