@@ -4,7 +4,9 @@
 //! Every attempt, retries included, takes a turn here before it is sent, so that
 //! retries cannot escape the ceiling. A 429's reset pauses the whole vendor rather
 //! than letting each job discover the throttle on its own, and a quota running
-//! low (`X-RateLimit-Remaining`) spaces calls out before the vendor says no.
+//! low (`X-RateLimit-Remaining`) spaces calls out before the vendor says no. A
+//! vendor that publishes nothing but its 429s gets a rate learned from them
+//! (`learned.rs`), and calls are released at it one turn at a time.
 
 use std::time::Duration;
 
@@ -13,14 +15,16 @@ use tokio::time::Instant;
 
 use crate::config::{RateLimit, RateLimitScope, Settings};
 use crate::job::VendorKind;
-use crate::vendor::QuotaHint;
+use crate::vendor::{QuotaHint, ThrottleHint};
 
 mod fleet;
+mod learned;
 mod local;
 mod probe;
 mod slowdown;
 
 use fleet::FleetLimiter;
+use learned::Learning;
 use local::LocalLimiter;
 use probe::ProbeGate;
 use slowdown::Reaction;
@@ -99,6 +103,7 @@ impl VendorLimiter {
     /// A call came back (any answer but a 429): its quota headers, if any, pace
     /// the next calls, and calls held behind a post-429 probe may go.
     pub fn call_answered(&self, quota: Option<QuotaHint>) {
+        self.local.learned.answered(quota.is_some());
         if let Some(quota) = quota {
             self.observe(quota);
         }
@@ -118,13 +123,40 @@ impl VendorLimiter {
         }
     }
 
-    /// A call was refused with a 429: every call waits out the vendor's reset,
-    /// when it gave one, and then one goes first. Called as the 429 arrives,
-    /// since calls waiting behind the refused one are held until it is.
-    pub fn call_throttled(&self, retry_after: Option<Duration>) {
-        if let Some(wait) = retry_after {
+    /// A call was refused with a 429: the learned rate takes note, and every
+    /// call waits out the vendor's reset, when it gave one, and then one goes
+    /// first. Called as the 429 arrives, since calls waiting behind the refused
+    /// one are held until it is.
+    ///
+    /// A `Retry-After` in whole seconds is an upper bound rounded up (a vendor
+    /// with a sliding 1-s window frees a slot long before): once calls are paced
+    /// at a learned rate, holding them all for it would cost a second of calls
+    /// per 429, so they are held one turn of the (now lower) rate instead. The
+    /// refused call itself still waits out the whole `Retry-After` (`retry.rs`).
+    pub fn call_throttled(&self, hint: ThrottleHint) {
+        let was_pacing = self.local.learned.is_pacing();
+        if let Learning::Changed(curve) = self.local.learned.throttled(hint.limit) {
+            if let Some(fleet) = &self.fleet {
+                fleet.share_learned(curve);
+            }
+        }
+        let wait = match hint.retry_after {
+            Some(wait) if hint.whole_seconds && was_pacing => Some(
+                self.local
+                    .learned
+                    .interval()
+                    .map_or(wait, |turn| turn.min(wait)),
+            ),
+            other => other,
+        };
+        if let Some(wait) = wait {
             self.pause_for(wait);
         }
+    }
+
+    /// The rate learned from the vendor's 429s (calls/s), `None` while nothing is.
+    pub fn learned_rate(&self) -> Option<f64> {
+        self.local.learned.rate()
     }
 
     /// Holds every call to the vendor for `duration` (a 429's reset), fleet-wide
