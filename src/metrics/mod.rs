@@ -116,6 +116,11 @@ impl Metrics {
         let rate_limit_wait = Family::<VendorLabels, Counter<f64, AtomicU64>>::default();
         let rate_limit_waiting = Family::<VendorLabels, Gauge>::default();
         let rate_limit_learned = Family::<VendorLabels, Gauge<f64, AtomicU64>>::default();
+        for vendor in [VendorKind::Mimecast, VendorKind::Pncp] {
+            rate_limit_learned.get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            });
+        }
         let ledger_duplicates = Counter::default();
         let broker_reconnects = Counter::default();
         let circuit_open = Family::<VendorLabels, Gauge>::default();
@@ -328,14 +333,16 @@ impl Metrics {
     /// Logs when it differs from the last logged value by more than a factor of
     /// two, so a quota that halves or doubles is one line, not one per 429.
     pub fn learned_rate(&self, vendor: VendorKind, rate: Option<f64>) {
+        // Nothing learned costs nothing per call: the gauge starts at 0, and a
+        // learned rate is never forgotten.
+        let Some(rate) = rate else {
+            return;
+        };
         self.rate_limit_learned
             .get_or_create(&VendorLabels {
                 vendor: vendor.into(),
             })
-            .set(rate.unwrap_or(0.0));
-        let Some(rate) = rate else {
-            return;
-        };
+            .set(rate);
         let index = match vendor {
             VendorKind::Mimecast => 0,
             VendorKind::Pncp => 1,
