@@ -239,6 +239,13 @@ impl Learned {
         let now = Instant::now();
         let mut state = self.lock();
         state.account(now);
+        let same = state.curve.is_some_and(|ours| {
+            (ours.peak - curve.peak).abs() < 1e-3 && (ours.start - curve.start).abs() < 1e-3
+        });
+        if same {
+            // This worker's own curve, read back.
+            return;
+        }
         let current = state.rate(now);
         state.curve = Some(curve);
         state.event_until = Some(curve.epoch + EVENT);

@@ -318,6 +318,62 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(600));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn after_a_429_without_quota_headers_waiting_calls_go_paced_not_as_a_burst() {
+        let limiter = std::sync::Arc::new(VendorLimiter::new(None));
+        limiter.acquire().await;
+        for _ in 0..10 {
+            limiter.call_answered(None);
+        }
+        // A Retry-After-only 429: pause a whole second, then the learned pace.
+        limiter.call_throttled(ThrottleHint {
+            retry_after: Some(Duration::from_secs(1)),
+            whole_seconds: true,
+            limit: None,
+        });
+        let rate = limiter.learned_rate().expect("a rate is learned");
+        assert!(rate > 8.0 && rate < 10.0, "{rate}");
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..6)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move {
+                    limiter.acquire().await;
+                    limiter.call_answered(None);
+                    started.elapsed()
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for task in waiting {
+            times.push(task.await.unwrap());
+        }
+        times.sort();
+        assert!(
+            times[0] >= Duration::from_secs(1),
+            "the pause holds: {times:?}"
+        );
+        for pair in times.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(100),
+                "one turn at a time: {times:?}"
+            );
+        }
+        // Once learned, a rounded Retry-After holds calls for a turn, not a second.
+        limiter.call_throttled(ThrottleHint {
+            retry_after: Some(Duration::from_secs(1)),
+            whole_seconds: true,
+            limit: None,
+        });
+        let again = Instant::now();
+        limiter.acquire().await;
+        assert!(
+            again.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            again.elapsed()
+        );
+    }
+
     #[test]
     fn the_fleet_scope_without_redis_names_both_settings() {
         let message = LimiterError::FleetNeedsRedis.to_string();
