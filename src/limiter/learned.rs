@@ -39,6 +39,11 @@ const EVENT: Duration = Duration::from_secs(1);
 /// share of the last second's answers were 429s: an odd one (a proxy, a
 /// vendor's hiccup) is no evidence that the quota fell.
 const SUSTAINED_SHARE: f64 = 0.05;
+/// Without `X-RateLimit-Limit`, a decrease needs this many 429s within a
+/// second (a burst that met the quota, or a rate that keeps meeting it): a
+/// lone 429, say the first answer of a worker that just started, counts too
+/// few accepted answers to estimate anything from.
+const CORROBORATING_429S: usize = 2;
 /// Answers are counted over this long (the vendor's 1-s window and a margin).
 const WINDOW: Duration = Duration::from_secs(2);
 /// The curve grows only while the learned rate is what holds calls back: a
@@ -309,8 +314,14 @@ impl State {
                 return Learning::Changed(*curve);
             }
         }
+        let probing = self.curve.is_some_and(|curve| curve.probing(now));
+        let corroborated =
+            exact || count_since(&self.refusals, now, Duration::from_secs(1)) >= CORROBORATING_429S;
+        if !probing && !corroborated {
+            return Learning::Unchanged;
+        }
         let peak = match (self.curve, current) {
-            (Some(curve), Some(current)) if !curve.probing(now) => {
+            (Some(_), Some(current)) if !probing => {
                 if self.refused_share(now) < SUSTAINED_SHARE {
                     return Learning::Unchanged;
                 }
@@ -408,6 +419,7 @@ mod tests {
     async fn a_429_drops_the_rate_to_what_the_vendor_accepted_in_the_last_second() {
         let learned = Learned::new(None);
         answer_over_a_second(&learned, 10).await;
+        assert_eq!(learned.throttled(None), Learning::Unchanged, "a lone 429");
         assert!(matches!(learned.throttled(None), Learning::Changed(_)));
         let rate = learned.rate().unwrap();
         assert!(close(rate, 10.0 / 1.025 * BACKOFF), "{rate}");
@@ -424,8 +436,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn later_429s_of_the_same_burst_refine_the_estimate_upwards_only() {
         let learned = Learned::new(None);
-        // A burst: the first 429 comes back before most accepted answers.
+        // A burst: the first 429s come back before most accepted answers.
         learned.answered(false);
+        learned.throttled(None);
         learned.throttled(None);
         let first = learned.rate().unwrap();
         for _ in 0..9 {
@@ -436,6 +449,14 @@ mod tests {
         assert!(refined > first * 5.0, "{first} then {refined}");
         learned.throttled(None);
         assert!(learned.rate().unwrap() >= refined);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_429_of_a_worker_that_just_started_teaches_nothing() {
+        let learned = Learned::new(None);
+        learned.answered(false);
+        assert_eq!(learned.throttled(None), Learning::Unchanged);
+        assert_eq!(learned.rate(), None, "not paced at 1/s for one odd 429");
     }
 
     #[test]
@@ -459,6 +480,7 @@ mod tests {
         let learned = Learned::new(None);
         answer_over_a_second(&learned, 20).await;
         learned.throttled(None);
+        learned.throttled(None);
         learned.saturated();
         tokio::time::sleep(Duration::from_secs(4)).await;
         let before = learned.rate().unwrap();
@@ -471,6 +493,7 @@ mod tests {
     async fn a_probe_refused_keeps_the_level_that_held() {
         let learned = Learned::new(None);
         answer_over_a_second(&learned, 10).await;
+        learned.throttled(None);
         learned.throttled(None);
         let peak = 10.0 / 1.025;
         // Keep the limiter busy while the curve climbs, holds and probes.

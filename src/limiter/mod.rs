@@ -325,12 +325,14 @@ mod tests {
         for _ in 0..10 {
             limiter.call_answered(None);
         }
-        // A Retry-After-only 429: pause a whole second, then the learned pace.
-        limiter.call_throttled(ThrottleHint {
-            retry_after: Some(Duration::from_secs(1)),
-            whole_seconds: true,
-            limit: None,
-        });
+        // Retry-After-only 429s: pause a whole second, then the learned pace.
+        for _ in 0..2 {
+            limiter.call_throttled(ThrottleHint {
+                retry_after: Some(Duration::from_secs(1)),
+                whole_seconds: true,
+                limit: None,
+            });
+        }
         let rate = limiter.learned_rate().expect("a rate is learned");
         assert!(rate > 8.0 && rate < 10.0, "{rate}");
         let started = Instant::now();

@@ -117,7 +117,7 @@ impl Metrics {
         let rate_limit_waiting = Family::<VendorLabels, Gauge>::default();
         let rate_limit_learned = Family::<VendorLabels, Gauge<f64, AtomicU64>>::default();
         for vendor in [VendorKind::Mimecast, VendorKind::Pncp] {
-            rate_limit_learned.get_or_create(&VendorLabels {
+            let _ = rate_limit_learned.get_or_create(&VendorLabels {
                 vendor: vendor.into(),
             });
         }
