@@ -63,6 +63,26 @@ pub(super) fn cases(worker: fn(&str, usize, usize, u64) -> Case) -> Vec<(&'stati
             ),
         ),
         (
+            "PNCP Retry-After, 2/s",
+            learning(
+                "learn-pncp-retry-after-2ps",
+                Vendor::Pncp,
+                ThrottleMode::RetryAfterOnly,
+                2,
+                50,
+            ),
+        ),
+        (
+            "PNCP Retry-After, 50/s",
+            learning(
+                "learn-pncp-retry-after-50ps",
+                Vendor::Pncp,
+                ThrottleMode::RetryAfterOnly,
+                50,
+                30,
+            ),
+        ),
+        (
             "429 only, 10/s then 20/s",
             Case {
                 jobs: 10 * 15 + 20 * 35,
