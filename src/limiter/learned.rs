@@ -190,10 +190,7 @@ impl Learned {
             return;
         }
         let mut last = self.last_turn.lock().await;
-        loop {
-            let Some(interval) = self.interval() else {
-                break;
-            };
+        while let Some(interval) = self.interval() {
             let now = Instant::now();
             let turn = last.map_or(now, |last| last + interval);
             if turn <= now {
