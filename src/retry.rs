@@ -34,7 +34,7 @@ pub fn classify(error: &VendorError) -> Decision {
         VendorError::Unreachable(_) => Decision::Retry { not_before: None },
         // Only PNCP answers with tasks, and Modify Account is idempotent.
         VendorError::TaskStillOpen { .. } => Decision::Retry { not_before: None },
-        VendorError::Throttled { retry_after } => Decision::Retry {
+        VendorError::Throttled { retry_after, .. } => Decision::Retry {
             not_before: *retry_after,
         },
         VendorError::Interrupted(_) | VendorError::Timeout | VendorError::BadResponse { .. } => {
@@ -134,7 +134,8 @@ mod tests {
         );
         assert_eq!(
             classify(&VendorError::Throttled {
-                retry_after: Some(Duration::from_millis(300))
+                retry_after: Some(Duration::from_millis(300)),
+                hint: crate::vendor::ThrottleHint::default(),
             }),
             Decision::Retry {
                 not_before: Some(Duration::from_millis(300))

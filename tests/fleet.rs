@@ -10,7 +10,7 @@ use std::time::Duration;
 use account_worker::config::Settings;
 use account_worker::job::{JobResult, VendorKind};
 use account_worker::limiter::Limiters;
-use account_worker::mock_vendor::{MockVendor, MockVendorConfig, Vendor};
+use account_worker::mock_vendor::{MockVendor, MockVendorConfig, ThrottleMode, Vendor};
 use account_worker::worker::Worker;
 // Each test takes its own Redis database, and rate keys are named after the
 // mock vendor's random port, so parallel tests share no state.
@@ -205,6 +205,56 @@ async fn two_workers_in_the_fleet_scope_share_one_ceiling() {
     // grants to exactly 20/s; two calls of margin absorb the scheduling jitter
     // between a grant and the call's arrival on a loaded machine.
     assert!(peak <= 22, "peak {peak} calls in one second");
+
+    stop_fleet(fleet).await;
+    queues.delete().await;
+    mock.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_learn_one_rate_for_the_fleet_from_a_vendor_that_says_only_429() {
+    let (mock, mut queues, mut env, _ledger_dir) = fleet_setup("fleet_learned", 11).await;
+    env.insert("RATE_LIMIT_SCOPE".into(), "fleet".into());
+    env.insert("WORKER_CONCURRENCY".into(), "16".into());
+    env.insert("RETRY_MAX_ATTEMPTS".into(), "30".into());
+    // The quota belongs to the API user: 10 calls/s for both workers together,
+    // reported (limit and reset) on 429s only.
+    mock.set_throttle_mode(Vendor::Mimecast, ThrottleMode::QuotaOn429);
+    mock.set_throttle(Vendor::Mimecast, Some(10));
+    let fleet = start_fleet(&env, 2).await;
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let jobs = 150;
+    for i in 0..jobs {
+        queues
+            .publish(
+                &json!({"jobId": format!("learned-{run}-{i}"), "vendor": "mimecast", "data": [
+                    {"accountCode": format!("LEARNED{i}"), "numberOfUsers": 1}
+                ]}),
+            )
+            .await;
+    }
+    let results = queues.results_by_job(jobs).await;
+    assert!(
+        results
+            .values()
+            .all(|r| r.status == account_worker::job::JobStatus::Succeeded),
+        "every job completes"
+    );
+    for i in 0..jobs {
+        let code = format!("LEARNED{i}");
+        assert_eq!(mock.applied_count(Vendor::Mimecast, &code), 1, "{code}");
+    }
+    let requests = mock.requests();
+    let (calls, refused) = common::refused_after(&requests, Vendor::Mimecast, 2000);
+    let (all, all_refused) = common::refused_after(&requests, Vendor::Mimecast, 0);
+    println!("fleet of 2 against 10/s, quota on 429s only: {all_refused} 429s in {all} calls; after the first 2 s {refused} in {calls}");
+    // Two workers that each learned their own 10/s would have half their
+    // calls refused.
+    assert!(
+        refused * 20 <= calls,
+        "{refused} of {calls} calls refused after the first 2 s"
+    );
 
     stop_fleet(fleet).await;
     queues.delete().await;

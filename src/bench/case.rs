@@ -15,7 +15,7 @@ use lapin::BasicProperties;
 use super::procstat;
 use crate::broker::{self, Publisher};
 use crate::config::{QueueNames, Settings};
-use crate::mock_vendor::{self, MockVendor, Vendor};
+use crate::mock_vendor::{self, MockVendor, ThrottleMode, Vendor};
 
 /// Who consumes the jobs in a case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +42,14 @@ pub(crate) struct Case {
     pub(crate) latency: Duration,
     pub(crate) rate_limit: Option<&'static str>,
     pub(crate) batch_max: usize,
+    /// The vendor the jobs are for.
+    pub(crate) vendor: Vendor,
     /// The mock vendor answers 429 beyond this many calls per second.
     pub(crate) vendor_throttle: Option<u32>,
+    /// How the mock's throttle counts and what it tells the worker.
+    pub(crate) throttle_mode: ThrottleMode,
+    /// The mock's cap changes to this many calls per second this long into the case.
+    pub(crate) quota_change: Option<(Duration, u32)>,
     /// Publish every job before the consumer starts (memory under a backlog).
     pub(crate) backlog: bool,
     /// Items in each job (one account each).
@@ -67,6 +73,10 @@ pub(crate) struct Measurement {
     pub(crate) peak_rss_mb: f64,
     pub(crate) p50: Duration,
     pub(crate) p99: Duration,
+    /// Every call that reached the case's vendor: arrival (mock ms) and status.
+    pub(crate) calls: Vec<(u64, u16)>,
+    /// When (mock ms) the case's quota change took effect.
+    pub(crate) quota_changed_at_ms: Option<u64>,
 }
 
 impl Measurement {
@@ -98,7 +108,16 @@ pub(crate) async fn run(
 ) -> Result<Measurement, BenchError> {
     mock.reset();
     mock.set_latency(case.latency);
-    mock.set_throttle(Vendor::Mimecast, case.vendor_throttle);
+    for vendor in [Vendor::Mimecast, Vendor::Pncp] {
+        let ours = vendor == case.vendor;
+        let mode = if ours {
+            case.throttle_mode
+        } else {
+            ThrottleMode::Headers
+        };
+        mock.set_throttle_mode(vendor, mode);
+        mock.set_throttle(vendor, case.vendor_throttle.filter(|_| ours));
+    }
     let queue = format!(
         "bench.{}.{}",
         case.name.replace(' ', "-"),
@@ -142,6 +161,15 @@ pub(crate) async fn run(
         wait_for_consumer(&results_channel, &names.jobs).await?;
     }
     let started = Instant::now();
+    let quota_change = case.quota_change.map(|(after, per_second)| {
+        let (mock, vendor) = (mock.clone(), case.vendor);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let at_ms = mock.requests().last().map_or(0, |r| r.at_ms);
+            mock.set_throttle(vendor, Some(per_second));
+            at_ms
+        })
+    });
     // Results are read while jobs are still being published: a result's time is
     // when it arrived, not when the publisher got round to reading it.
     let (published_at, arrived_at) = if case.backlog {
@@ -175,16 +203,23 @@ pub(crate) async fn run(
         .status();
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 
+    let quota_changed_at_ms = match quota_change {
+        Some(change) => change.await.ok(),
+        None => None,
+    };
     let requests = mock.requests();
     let calls: Vec<_> = requests
         .iter()
-        .filter(|r| r.vendor == Vendor::Mimecast)
+        .filter(|r| r.vendor == case.vendor)
         .collect();
     let throttled = calls.iter().filter(|r| r.status == 429).count();
     let items = calls
         .iter()
         .filter(|r| r.status == 200)
-        .map(|r| r.body["data"].as_array().map_or(0, Vec::len))
+        .map(|r| match case.vendor {
+            Vendor::Mimecast => r.body["data"].as_array().map_or(0, Vec::len),
+            Vendor::Pncp => 1,
+        })
         .sum();
     let times: Vec<u64> = calls
         .iter()
@@ -216,6 +251,8 @@ pub(crate) async fn run(
         peak_rss_mb,
         p50: percentile(0.50),
         p99: percentile(0.99),
+        calls: calls.iter().map(|r| (r.at_ms, r.status)).collect(),
+        quota_changed_at_ms,
     })
 }
 
@@ -308,10 +345,15 @@ async fn publish_jobs(
                     format!(r#"{{"accountCode":"ACC{i}-{n}","numberOfUsers":1,"products":[9702]}}"#)
                 })
                 .collect();
-            let body = format!(
-                r#"{{"jobId":"{job_id}","vendor":"mimecast","data":[{}]}}"#,
-                items.join(",")
-            );
+            let body = match case.vendor {
+                Vendor::Mimecast => format!(
+                    r#"{{"jobId":"{job_id}","vendor":"mimecast","data":[{}]}}"#,
+                    items.join(",")
+                ),
+                Vendor::Pncp => format!(
+                    r#"{{"jobId":"{job_id}","vendor":"pncp","data":[{{"accountId":"{i}","name":"Bench","email":"ops@example.com"}}]}}"#
+                ),
+            };
             published_at.insert(job_id, Instant::now());
             let properties = BasicProperties::default()
                 .with_content_type("application/json".into())
@@ -382,6 +424,12 @@ fn spawn_consumer(
         )
         .env("MIMECAST_APP_ID", mock_vendor::DEMO_MIMECAST_APP_ID)
         .env("MIMECAST_APP_KEY", mock_vendor::DEMO_MIMECAST_APP_KEY)
+        .env("PNCP_BASE_URL", mock.pncp_base_url())
+        .env(
+            "PNCP_APPLICATION_KEY",
+            mock_vendor::DEMO_PNCP_APPLICATION_KEY,
+        )
+        .env("PNCP_SHARED_SECRET", mock_vendor::DEMO_PNCP_SHARED_SECRET)
         .env("MIMECAST_RATE_LIMIT", case.rate_limit.unwrap_or(""))
         .env("MIMECAST_BATCH_MAX", case.batch_max.to_string())
         .env("MIMECAST_BATCH_LINGER", "20ms")

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::Settings;
-use crate::mock_vendor::{MockVendor, MockVendorConfig};
+use crate::mock_vendor::{MockVendor, MockVendorConfig, ThrottleMode, Vendor};
 
 pub mod baselines;
 mod case;
 mod chart;
+mod learned;
 mod procstat;
 
 use case::{Case, Consumer, Measurement};
@@ -38,7 +39,10 @@ fn worker(name: &str, jobs: usize, concurrency: usize, latency_ms: u64) -> Case 
         latency: Duration::from_millis(latency_ms),
         rate_limit: None,
         batch_max: 1,
+        vendor: Vendor::Mimecast,
         vendor_throttle: None,
+        throttle_mode: ThrottleMode::Headers,
+        quota_change: None,
         backlog: false,
         items_per_job: 1,
         steady_rate: None,
@@ -159,6 +163,7 @@ fn cases(options: &BenchOptions) -> Vec<(&'static str, Case)> {
             },
         ),
     ];
+    list.extend(learned::cases(worker));
     if options.backlog > 0 {
         list.push((
             "backlog",
@@ -198,6 +203,7 @@ pub async fn run(settings: &Settings, options: BenchOptions) -> Result<(), Strin
     let _ = std::fs::remove_dir_all(&work);
     print_table(&rows);
     print_ratios(&rows);
+    learned::print(&rows);
     let svg = throughput_chart(&rows);
     std::fs::write(&options.chart, svg)
         .map_err(|e| format!("cannot write {}: {e}", options.chart.display()))?;

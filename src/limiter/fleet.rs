@@ -6,6 +6,13 @@
 //! clock (`TIME`), so workers on different machines agree on what "now" is.
 //! When Redis does not answer, a call falls back to the process-local limiter:
 //! the vendor is never called unlimited and the worker never stops for it.
+//!
+//! The rate learned from 429s is shared too: a worker that learns something
+//! writes its curve (level, start, hold, and its age on Redis' clock) to one key
+//! per vendor and endpoint; every worker reads that key at most every
+//! `LEARNED_REFRESH` and paces its fleet-wide turns at the curve's rate, passed
+//! to the turn script with the ceiling's interval. So pacing costs no extra
+//! round trip per call: one read per worker every 500 ms, one write per 429.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,6 +22,7 @@ use redis::Script;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::learned::Curve;
 use super::local::LocalLimiter;
 use crate::job::VendorKind;
 
@@ -27,6 +35,35 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// After Redis failed, how long calls use the local limiter before asking again
 /// (so an outage does not cost every call a timeout).
 const RETRY_REDIS_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a worker reads the fleet's learned rate.
+const LEARNED_REFRESH: Duration = Duration::from_millis(500);
+
+/// How long the fleet remembers a learned rate nobody refreshes.
+const LEARNED_TTL_MS: u64 = 3_600_000;
+
+/// KEYS[1]: the learned curve. ARGV: level and start (calls/s), hold (ms), and
+/// how long ago (ms) the curve began. Stores them with the Redis time it began.
+const SHARE_LEARNED: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('HSET', KEYS[1], 'peak', ARGV[1], 'start', ARGV[2], 'hold', ARGV[3],
+  'at', string.format('%.0f', now - tonumber(ARGV[4])))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 0
+";
+
+/// KEYS[1]: the learned curve. Returns level, start, hold, when it began
+/// (Redis ms) and how long ago that is, or nil.
+const READ_LEARNED: &str = r"
+local curve = redis.call('HMGET', KEYS[1], 'peak', 'start', 'hold', 'at')
+if not curve[1] or not curve[4] then return nil end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local at = tonumber(curve[4]) or now
+return {curve[1], curve[2], curve[3], curve[4], string.format('%.0f', math.max(0, now - at))}
+";
 
 /// KEYS: turn (GCRA theoretical arrival time, µs), pause, slow (spacing, µs).
 /// ARGV[1]: the ceiling's interval in µs, 0 for none.
@@ -65,9 +102,16 @@ pub(super) struct FleetLimiter {
     turn_key: String,
     pause_key: String,
     slow_key: String,
+    learned_key: String,
     interval_us: u64,
     take_turn: Script,
     extend: Script,
+    share_learned: Script,
+    read_learned: Script,
+    /// When this worker last read the fleet's learned rate, and the curve's
+    /// start (Redis ms) it took from there, so it adopts each curve once.
+    learned_read_at: Mutex<Option<Instant>>,
+    learned_adopted: Mutex<Option<String>>,
     /// Set while Redis is failing: until then, calls use the local limiter.
     degraded_until: Mutex<Option<Instant>>,
 }
@@ -98,9 +142,14 @@ impl FleetLimiter {
             turn_key: base.clone(),
             pause_key: format!("{base}:pause"),
             slow_key: format!("{base}:slow"),
+            learned_key: format!("{base}:learned"),
             interval_us: interval.map_or(0, |i| i.as_micros().try_into().unwrap_or(u64::MAX)),
             take_turn: Script::new(TAKE_TURN),
             extend: Script::new(EXTEND),
+            share_learned: Script::new(SHARE_LEARNED),
+            read_learned: Script::new(READ_LEARNED),
+            learned_read_at: Mutex::new(None),
+            learned_adopted: Mutex::new(None),
             degraded_until: Mutex::new(None),
         }
     }
@@ -115,7 +164,12 @@ impl FleetLimiter {
                 local.acquire().await;
                 return;
             }
-            match self.ask().await {
+            self.refresh_learned(local).await;
+            let learned_us = local
+                .learned
+                .interval()
+                .map_or(0, |i| u64::try_from(i.as_micros()).unwrap_or(u64::MAX));
+            match self.ask(self.interval_us.max(learned_us)).await {
                 Ok(wait) => {
                     self.recovered();
                     if wait.is_zero() {
@@ -123,6 +177,10 @@ impl FleetLimiter {
                             return;
                         }
                     } else {
+                        if learned_us > self.interval_us {
+                            // The learned rate holds calls back: it may grow.
+                            local.learned.saturated();
+                        }
                         tokio::time::sleep(wait).await;
                     }
                 }
@@ -175,15 +233,87 @@ impl FleetLimiter {
         });
     }
 
+    /// Shares a curve this worker learned (best effort, in the background).
+    pub(super) fn share_learned(&self, curve: Curve) {
+        let age_ms = millis(Instant::now().saturating_duration_since(curve.epoch));
+        let (script, key, mut connection) = (
+            self.share_learned.clone(),
+            self.learned_key.clone(),
+            self.connection.clone(),
+        );
+        self.in_background("learned rate", async move {
+            script
+                .key(key)
+                .arg(format!("{:.4}", curve.peak))
+                .arg(format!("{:.4}", curve.start))
+                .arg(millis(curve.hold))
+                .arg(age_ms)
+                .arg(LEARNED_TTL_MS)
+                .invoke_async::<i64>(&mut connection)
+                .await
+        });
+    }
+
+    /// Reads the fleet's learned curve when `LEARNED_REFRESH` has passed, and
+    /// adopts it if another worker (or this one) wrote a new one since.
+    async fn refresh_learned(&self, local: &LocalLimiter) {
+        {
+            let mut read_at = self
+                .learned_read_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if read_at.is_some_and(|at| at.elapsed() < LEARNED_REFRESH) {
+                return;
+            }
+            *read_at = Some(Instant::now());
+        }
+        let mut connection = self.connection.clone();
+        let mut invocation = self.read_learned.prepare_invoke();
+        invocation.key(&self.learned_key);
+        let read = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            invocation.invoke_async::<Option<Vec<String>>>(&mut connection),
+        )
+        .await;
+        let fields = match read {
+            Ok(Ok(Some(fields))) => fields,
+            Ok(Ok(None)) => return,
+            Ok(Err(error)) => {
+                debug!(vendor = %self.vendor, %error, "could not read the fleet's learned rate");
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some(shared) = SharedCurve::parse(&fields) else {
+            debug!(vendor = %self.vendor, "the fleet's learned rate is unreadable; ignored");
+            return;
+        };
+        let mut adopted = self
+            .learned_adopted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if adopted.as_deref() == Some(shared.began.as_str()) {
+            return;
+        }
+        *adopted = Some(shared.began.clone());
+        drop(adopted);
+        let epoch = Instant::now()
+            .checked_sub(shared.age)
+            .unwrap_or_else(Instant::now);
+        let mut curve = Curve::new(shared.peak, shared.start, epoch);
+        curve.hold = shared.hold;
+        local.learned.adopt(curve);
+    }
+
     /// One round trip: 0 when the turn is taken, else how long to wait.
-    async fn ask(&self) -> Result<Duration, String> {
+    async fn ask(&self, interval_us: u64) -> Result<Duration, String> {
         let mut connection = self.connection.clone();
         let mut invocation = self.take_turn.prepare_invoke();
         invocation
             .key(&self.turn_key)
             .key(&self.pause_key)
             .key(&self.slow_key)
-            .arg(self.interval_us);
+            .arg(interval_us);
         match tokio::time::timeout(
             REDIS_TIMEOUT,
             invocation.invoke_async::<i64>(&mut connection),
@@ -245,6 +375,39 @@ impl FleetLimiter {
                 Err(_) => debug!(%vendor, what, "could not share with the fleet: Redis timed out"),
             }
         });
+    }
+}
+
+/// A learned curve as the fleet's key holds it.
+#[derive(Debug)]
+struct SharedCurve {
+    peak: f64,
+    start: f64,
+    hold: Duration,
+    /// When it began, in Redis ms: names the curve.
+    began: String,
+    age: Duration,
+}
+
+impl SharedCurve {
+    /// Parses what `READ_LEARNED` returns; `None` for anything another
+    /// program (or version) could have written that is not a usable curve.
+    fn parse(fields: &[String]) -> Option<Self> {
+        let [peak, start, hold, began, age] = fields else {
+            return None;
+        };
+        let rate = |text: &String| {
+            text.parse::<f64>()
+                .ok()
+                .filter(|rate| rate.is_finite() && *rate > 0.0)
+        };
+        Some(Self {
+            peak: rate(peak)?,
+            start: rate(start)?,
+            hold: Duration::from_millis(hold.parse().ok()?),
+            began: began.clone(),
+            age: Duration::from_millis(age.parse().ok()?),
+        })
     }
 }
 

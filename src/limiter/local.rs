@@ -1,5 +1,6 @@
-//! The process-local limiter: a `governor` ceiling, the 429 pause and the quota
-//! slowdown, all on tokio's clock so paused-time tests can drive them.
+//! The process-local limiter: a `governor` ceiling, the 429 pause, the quota
+//! slowdown and the learned rate, all on tokio's clock so paused-time tests can
+//! drive them.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
+use super::learned::Learned;
 use super::slowdown::Slowdown;
 
 /// `governor`'s clock read from tokio's, so `tokio::time::pause()` governs the
@@ -33,12 +35,16 @@ pub(super) struct LocalLimiter {
     ceiling: Option<Ceiling>,
     paused_until: Mutex<Option<Instant>>,
     pub(super) slowdown: Slowdown,
+    pub(super) learned: Learned,
 }
 
 impl LocalLimiter {
     /// Whether a call would go at once: no ceiling, no pause, no spacing.
     pub(super) fn is_open(&self) -> bool {
-        self.ceiling.is_none() && self.pause_deadline().is_none() && !self.slowdown.is_active()
+        self.ceiling.is_none()
+            && self.pause_deadline().is_none()
+            && !self.slowdown.is_active()
+            && !self.learned.is_pacing()
     }
 
     /// A limiter spacing calls `interval` apart (`None`: no ceiling); `in_flight`
@@ -51,17 +57,20 @@ impl LocalLimiter {
             }),
             paused_until: Mutex::new(None),
             slowdown: Slowdown::new(in_flight),
+            // The learned rate never needs to exceed the ceiling's.
+            learned: Learned::new(interval.map(|i| 1.0 / i.as_secs_f64().max(1e-9))),
         }
     }
 
-    /// Waits out the pause, the slowdown and the ceiling; returns once a call may go.
-    /// Waits for a turn; returns whether it came at the end of a slowed-down
+    /// Waits out the pause, the slowdown, the learned rate and the ceiling;
+    /// returns whether the turn came at the end of a slowed-down
     /// quota window, when the new window's quota is not known yet.
     pub(super) async fn acquire(&self) -> bool {
         let mut rolled_over = false;
         loop {
             self.wait_out_pause().await;
             rolled_over |= self.slowdown.wait_turn().await;
+            self.learned.wait_turn().await;
             if let Some(ceiling) = &self.ceiling {
                 while let Err(not_until) = ceiling.check() {
                     let wait = not_until.wait_time_from(TokioClock.now());

@@ -4,7 +4,9 @@
 //! Every attempt, retries included, takes a turn here before it is sent, so that
 //! retries cannot escape the ceiling. A 429's reset pauses the whole vendor rather
 //! than letting each job discover the throttle on its own, and a quota running
-//! low (`X-RateLimit-Remaining`) spaces calls out before the vendor says no.
+//! low (`X-RateLimit-Remaining`) spaces calls out before the vendor says no. A
+//! vendor that publishes nothing but its 429s gets a rate learned from them
+//! (`learned.rs`), and calls are released at it one turn at a time.
 
 use std::time::Duration;
 
@@ -15,17 +17,23 @@ use tokio::time::Instant;
 
 use crate::config::{RateLimit, RateLimitScope, Settings};
 use crate::job::VendorKind;
-use crate::vendor::QuotaHint;
+use crate::vendor::{QuotaHint, ThrottleHint};
 
 mod fleet;
+mod learned;
 mod local;
 mod probe;
 mod slowdown;
 
 use fleet::FleetLimiter;
+use learned::Learning;
 use local::LocalLimiter;
 use probe::ProbeGate;
 use slowdown::Reaction;
+
+/// A pause at least this long lets the jobs waiting for it give up their
+/// concurrency slots (see [`VendorLimiter::long_pause_until`]).
+pub const LONG_PAUSE: Duration = Duration::from_secs(1);
 
 /// Calls assumed to be under way at once when the caller does not say
 /// (`WORKER_CONCURRENCY`'s default).
@@ -102,21 +110,26 @@ impl VendorLimiter {
         self.fleet.is_none() && self.local.is_open() && !self.gate.is_armed()
     }
 
-    /// Resolves when a pause begins (from when the future is first polled or
-    /// enabled).
+    /// Resolves when a long pause begins (from when the future is first
+    /// polled or enabled).
     pub fn pause_begins(&self) -> Notified<'_> {
         self.pause_began.notified()
     }
 
-    /// When a 429's pause of this process's calls ends, while one holds them.
-    /// A job waiting it out needs no concurrency slot meanwhile.
-    pub fn paused_until(&self) -> Option<Instant> {
-        self.local.pause_deadline()
+    /// When a 429's pause of this process's calls ends, while one holds them
+    /// for at least [`LONG_PAUSE`] more. A job waiting it out needs no
+    /// concurrency slot meanwhile; shorter pauses (a learned rate's turn, a
+    /// reset due in milliseconds) are waited out in place.
+    pub fn long_pause_until(&self) -> Option<Instant> {
+        self.local
+            .pause_deadline()
+            .filter(|until| until.saturating_duration_since(Instant::now()) >= LONG_PAUSE)
     }
 
     /// A call came back (any answer but a 429): its quota headers, if any, pace
     /// the next calls, and calls held behind a post-429 probe may go.
     pub fn call_answered(&self, quota: Option<QuotaHint>) {
+        self.local.learned.answered(quota.is_some());
         if let Some(quota) = quota {
             self.observe(quota);
         }
@@ -136,20 +149,49 @@ impl VendorLimiter {
         }
     }
 
-    /// A call was refused with a 429: every call waits out the vendor's reset,
-    /// when it gave one, and then one goes first. Called as the 429 arrives,
-    /// since calls waiting behind the refused one are held until it is.
-    pub fn call_throttled(&self, retry_after: Option<Duration>) {
-        if let Some(wait) = retry_after {
+    /// A call was refused with a 429: the learned rate takes note, and every
+    /// call waits out the vendor's reset, when it gave one, and then one goes
+    /// first. Called as the 429 arrives, since calls waiting behind the refused
+    /// one are held until it is.
+    ///
+    /// A `Retry-After` in whole seconds is an upper bound rounded up (a vendor
+    /// with a sliding 1-s window frees a slot long before): once calls are paced
+    /// at a learned rate, holding them all for it would cost a second of calls
+    /// per 429, so they are held one turn of the (now lower) rate instead. The
+    /// refused call itself still waits out the whole `Retry-After` (`retry.rs`).
+    pub fn call_throttled(&self, hint: ThrottleHint) {
+        let was_pacing = self.local.learned.is_pacing();
+        if let Learning::Changed(curve) = self.local.learned.throttled(hint.limit) {
+            if let Some(fleet) = &self.fleet {
+                fleet.share_learned(curve);
+            }
+        }
+        let wait = match hint.retry_after {
+            Some(wait) if hint.whole_seconds && was_pacing => Some(
+                self.local
+                    .learned
+                    .interval()
+                    .map_or(wait, |turn| turn.min(wait)),
+            ),
+            other => other,
+        };
+        if let Some(wait) = wait {
             self.pause_for(wait);
         }
+    }
+
+    /// The rate learned from the vendor's 429s (calls/s), `None` while nothing is.
+    pub fn learned_rate(&self) -> Option<f64> {
+        self.local.learned.rate()
     }
 
     /// Holds every call to the vendor for `duration` (a 429's reset), fleet-wide
     /// in the fleet scope.
     pub fn pause_for(&self, duration: Duration) {
         self.local.pause_for(duration);
-        self.pause_began.notify_waiters();
+        if duration >= LONG_PAUSE {
+            self.pause_began.notify_waiters();
+        }
         self.gate.rearm();
         if let Some(fleet) = &self.fleet {
             fleet.share_pause(duration);
@@ -304,6 +346,64 @@ mod tests {
         }
         // Three calls over the 900 ms left, not three at 10 ms apart.
         assert_eq!(start.elapsed(), Duration::from_millis(600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_429_without_quota_headers_waiting_calls_go_paced_not_as_a_burst() {
+        let limiter = std::sync::Arc::new(VendorLimiter::new(None));
+        limiter.acquire().await;
+        for _ in 0..10 {
+            limiter.call_answered(None);
+        }
+        // Retry-After-only 429s: pause a whole second, then the learned pace.
+        for _ in 0..2 {
+            limiter.call_throttled(ThrottleHint {
+                retry_after: Some(Duration::from_secs(1)),
+                whole_seconds: true,
+                limit: None,
+            });
+        }
+        let rate = limiter.learned_rate().expect("a rate is learned");
+        assert!(rate > 8.0 && rate < 10.0, "{rate}");
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..6)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move {
+                    limiter.acquire().await;
+                    limiter.call_answered(None);
+                    started.elapsed()
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for task in waiting {
+            times.push(task.await.unwrap());
+        }
+        times.sort();
+        assert!(
+            times[0] >= Duration::from_secs(1),
+            "the pause holds: {times:?}"
+        );
+        for pair in times.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(100),
+                "one turn at a time: {times:?}"
+            );
+        }
+        // Once learned, a rounded Retry-After holds calls for a turn, not a second.
+        limiter.call_throttled(ThrottleHint {
+            retry_after: Some(Duration::from_secs(1)),
+            whole_seconds: true,
+            limit: None,
+        });
+        let again = Instant::now();
+        limiter.acquire().await;
+        assert!(
+            again.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            again.elapsed()
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::job::VendorKind;
 
@@ -78,6 +78,10 @@ pub struct Metrics {
     jobs_in_flight: Gauge,
     rate_limit_wait: Family<VendorLabels, Counter<f64, AtomicU64>>,
     rate_limit_waiting: Family<VendorLabels, Gauge>,
+    rate_limit_learned: Family<VendorLabels, Gauge<f64, AtomicU64>>,
+    /// The learned rate last logged per vendor (Mimecast, PNCP), to log only
+    /// changes by more than a factor of two.
+    learned_logged: std::sync::Mutex<[Option<f64>; 2]>,
     ledger_duplicates: Counter,
     broker_reconnects: Counter,
     held_requeued: Counter,
@@ -112,6 +116,12 @@ impl Metrics {
         let jobs_in_flight = Gauge::default();
         let rate_limit_wait = Family::<VendorLabels, Counter<f64, AtomicU64>>::default();
         let rate_limit_waiting = Family::<VendorLabels, Gauge>::default();
+        let rate_limit_learned = Family::<VendorLabels, Gauge<f64, AtomicU64>>::default();
+        for vendor in [VendorKind::Mimecast, VendorKind::Pncp] {
+            let _ = rate_limit_learned.get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            });
+        }
         let ledger_duplicates = Counter::default();
         let broker_reconnects = Counter::default();
         let held_requeued = Counter::default();
@@ -179,6 +189,11 @@ impl Metrics {
             "Calls waiting now for their turn under the rate limit or a 429 pause",
             rate_limit_waiting.clone(),
         );
+        registry.register(
+            "rate_limit_learned",
+            "Calls per second the limiter learned the vendor allows, from its 429s (0 while nothing is learned: calls are not paced)",
+            rate_limit_learned.clone(),
+        );
         registry.register("ledger_duplicates", "Deliveries of already finished jobs, answered from the ledger without calling the vendor", ledger_duplicates.clone());
         registry.register(
             "broker_reconnects",
@@ -206,6 +221,8 @@ impl Metrics {
             jobs_in_flight,
             rate_limit_wait,
             rate_limit_waiting,
+            rate_limit_learned,
+            learned_logged: std::sync::Mutex::new([None; 2]),
             ledger_duplicates,
             broker_reconnects,
             held_requeued,
@@ -320,6 +337,36 @@ impl Metrics {
             .get()
     }
 
+    /// The rate the limiter learned for `vendor` now (`None`: nothing learned).
+    /// Logs when it differs from the last logged value by more than a factor of
+    /// two, so a quota that halves or doubles is one line, not one per 429.
+    pub fn learned_rate(&self, vendor: VendorKind, rate: Option<f64>) {
+        // Nothing learned costs nothing per call: the gauge starts at 0, and a
+        // learned rate is never forgotten.
+        let Some(rate) = rate else {
+            return;
+        };
+        self.rate_limit_learned
+            .get_or_create(&VendorLabels {
+                vendor: vendor.into(),
+            })
+            .set(rate);
+        let index = match vendor {
+            VendorKind::Mimecast => 0,
+            VendorKind::Pncp => 1,
+        };
+        let mut logged = self
+            .learned_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let changed = logged[index].is_none_or(|last| rate > last * 2.0 || rate < last / 2.0);
+        if changed {
+            let previous = logged[index].replace(rate);
+            drop(logged);
+            info!(%vendor, rate = format!("{rate:.2}/s"), previous = previous.map(|p| format!("{p:.2}/s")), "learned rate limit changed: the vendor's 429s say it allows about this many calls per second");
+        }
+    }
+
     /// A finished job was delivered again and answered from the ledger.
     pub fn ledger_duplicate(&self) {
         self.ledger_duplicates.inc();
@@ -403,6 +450,7 @@ mod tests {
         metrics.vendor_call(VendorKind::Mimecast, "200", Duration::from_millis(12));
         metrics.dead_lettered("err_account_not_found");
         metrics.circuit(VendorKind::Pncp, true);
+        metrics.learned_rate(VendorKind::Mimecast, Some(9.75));
         let text = metrics.render();
         for line in [
             "account_worker_jobs_total{vendor=\"mimecast\",outcome=\"partial\"} 1",
@@ -410,6 +458,7 @@ mod tests {
             "account_worker_vendor_calls_total{vendor=\"mimecast\",status=\"200\"} 1",
             "account_worker_dead_letters_total{code=\"err_account_not_found\"} 1",
             "account_worker_circuit_open{vendor=\"pncp\"} 1",
+            "account_worker_rate_limit_learned{vendor=\"mimecast\"} 9.75",
             "account_worker_vendor_call_duration_seconds_count{vendor=\"mimecast\"} 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::model::{Fault, Vendor};
 use super::random::RandomFaults;
 use super::state::Shared;
+use super::throttle::ThrottleMode;
 
 /// The `/admin/*` routes; they are never recorded and skip latency and faults.
 pub(super) fn routes() -> Router<Arc<Shared>> {
@@ -111,13 +112,21 @@ async fn latency(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
 struct ThrottleBody {
     vendor: Vendor,
     per_second: Option<u32>,
+    /// Absent: the mode stays as it is.
+    #[serde(default)]
+    mode: Option<ThrottleMode>,
 }
 
 async fn throttle(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     match parse::<ThrottleBody>(&body) {
         Ok(body) => {
             let now_ms = shared.elapsed_ms();
-            shared.lock().throttles[body.vendor].set(body.per_second, now_ms);
+            let mut inner = shared.lock();
+            let throttle = &mut inner.throttles[body.vendor];
+            if let Some(mode) = body.mode {
+                throttle.set_mode(mode, now_ms);
+            }
+            throttle.set(body.per_second, now_ms);
             StatusCode::NO_CONTENT.into_response()
         }
         Err(message) => bad_request(message),

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::mimecast_items::{apply_items, data_items, retryable_failures, ItemsOutcome};
 use super::model::{Fault, Vendor, STATUS_DROPPED};
 use super::state::{Inner, Pending, Shared};
-use super::throttle::RateInfo;
+use super::throttle::{RateInfo, ThrottleMode};
 use super::wire::{dropped_connection, header_str, json_response, media_type_is, status_code};
 use super::MockVendorConfig;
 use crate::vendor::signing;
@@ -324,10 +324,25 @@ fn error_response(status: StatusCode, code: &str, message: &str, rate: RateInfo)
     with_rate_headers(json_response(status, JSON, &body), rate)
 }
 
+/// The quota headers the throttle's mode sends with this answer.
 fn with_rate_headers(mut response: Response, rate: RateInfo) -> Response {
+    let throttled = response.status() == StatusCode::TOO_MANY_REQUESTS;
     let headers = response.headers_mut();
-    headers.insert("x-ratelimit-limit", HeaderValue::from(rate.limit));
-    headers.insert("x-ratelimit-remaining", HeaderValue::from(rate.remaining));
-    headers.insert("x-ratelimit-reset", HeaderValue::from(rate.reset_ms));
+    match rate.mode {
+        ThrottleMode::Headers => {
+            headers.insert("x-ratelimit-limit", HeaderValue::from(rate.limit));
+            headers.insert("x-ratelimit-remaining", HeaderValue::from(rate.remaining));
+            headers.insert("x-ratelimit-reset", HeaderValue::from(rate.reset_ms));
+        }
+        ThrottleMode::QuotaOn429 if throttled => {
+            headers.insert("x-ratelimit-limit", HeaderValue::from(rate.limit));
+            headers.insert("x-ratelimit-reset", HeaderValue::from(rate.reset_ms));
+        }
+        ThrottleMode::RetryAfterOnly if throttled => {
+            let seconds = rate.reset_ms.div_ceil(1000);
+            headers.insert("retry-after", HeaderValue::from(seconds));
+        }
+        ThrottleMode::QuotaOn429 | ThrottleMode::RetryAfterOnly => {}
+    }
     response
 }

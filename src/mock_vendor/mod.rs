@@ -38,6 +38,7 @@ pub use model::{
 };
 pub use random::RandomFaults;
 use state::Shared;
+pub use throttle::ThrottleMode;
 
 /// Demo Mimecast access key, shared by the demo script and the mock's demo configuration.
 pub const DEMO_MIMECAST_ACCESS_KEY: &str = "demo-access-key";
@@ -228,6 +229,13 @@ impl MockVendor {
     /// other keeps answering.
     pub fn set_outage(&self, vendor: Vendor, status: Option<u16>) {
         self.shared.lock().outage[vendor] = status;
+    }
+
+    /// Chooses how the throttle counts and what its answers say about the
+    /// quota (see [`ThrottleMode`]); the cap set by [`Self::set_throttle`] stays.
+    pub fn set_throttle_mode(&self, vendor: Vendor, mode: ThrottleMode) {
+        let now_ms = self.shared.elapsed_ms();
+        self.shared.lock().throttles[vendor].set_mode(mode, now_ms);
     }
 
     /// Forgets accounts, recorded requests, queued faults, tasks and seen request ids;

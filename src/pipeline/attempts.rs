@@ -158,7 +158,7 @@ impl Pipeline {
             // A 429's pause holds every call to the vendor, maybe for minutes:
             // the job waits it out without a slot, and goes back to the tail of
             // its queue if it outlasts the delivery's hold. Nothing is in flight.
-            if let Some(until) = self.limiters.get(vendor).paused_until() {
+            if let Some(until) = self.limiters.get(vendor).long_pause_until() {
                 slot = None;
                 let waiting = self.holds.enter(vendor, delivery_hold);
                 // Counted with the calls waiting for their turn: it is one.
@@ -464,13 +464,13 @@ impl Pipeline {
         stopping: Option<&CancellationToken>,
     ) -> Option<()> {
         let limiter = self.limiters.get(vendor);
-        // A 429's pause may last minutes: a call that would wait it out is not
+        // A 429's long pause may last minutes: a call that would wait it out is not
         // sent this round, so its job waits without a slot (`attempt_all`).
         // Only until the job has touched the vendor, as with stopping.
         let pause = limiter.pause_begins();
         tokio::pin!(pause);
         pause.as_mut().enable();
-        if stopping.is_some() && limiter.paused_until().is_some() {
+        if stopping.is_some() && limiter.long_pause_until().is_some() {
             return None;
         }
         // Every attempt, retries included, is charged to the rate limit.

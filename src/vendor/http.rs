@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::header::HeaderMap;
 use reqwest::Response;
 
-use super::{QuotaHint, VendorError};
+use super::{QuotaHint, ThrottleHint, VendorError};
 use crate::config::Settings;
 
 /// One pooled client for every vendor: keep-alive connections are what make
@@ -83,6 +83,25 @@ pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_millis)
         .or_else(|| header_u64(headers, "retry-after").map(Duration::from_secs))
         .map(|wait| wait.min(MAX_VENDOR_WAIT))
+}
+
+/// What a 429's headers say: when to retry, how precisely, and the limit.
+pub(super) fn throttle_hint(headers: &HeaderMap) -> ThrottleHint {
+    let retry_after = retry_after(headers);
+    ThrottleHint {
+        retry_after,
+        whole_seconds: retry_after.is_some() && header_u64(headers, "x-ratelimit-reset").is_none(),
+        limit: header_u64(headers, "x-ratelimit-limit").filter(|limit| *limit > 0),
+    }
+}
+
+/// A 429's error.
+pub(super) fn throttled(headers: &HeaderMap) -> VendorError {
+    let hint = throttle_hint(headers);
+    VendorError::Throttled {
+        retry_after: hint.retry_after,
+        hint,
+    }
 }
 
 /// The quota the vendor reported, when it did.

@@ -129,9 +129,7 @@ impl MimecastClient {
                     quota: http::quota(&headers),
                 })
             }
-            429 => Err(VendorError::Throttled {
-                retry_after: http::retry_after(&headers),
-            }),
+            429 => Err(http::throttled(&headers)),
             _ => {
                 let (code, message) = first_error(&bytes, status);
                 if matches!(status, 401 | 403) {

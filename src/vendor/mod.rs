@@ -42,6 +42,18 @@ pub struct QuotaHint {
     pub reset: Duration,
 }
 
+/// What a 429 said about the vendor's quota, for the limiter to learn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ThrottleHint {
+    /// When the quota returns, if the vendor said.
+    pub retry_after: Option<Duration>,
+    /// Whether `retry_after` came from `Retry-After` in whole seconds: an upper
+    /// bound rounded up, not `X-RateLimit-Reset`'s milliseconds until a slot frees.
+    pub whole_seconds: bool,
+    /// `X-RateLimit-Limit`: calls per second the API user is allowed, if it said.
+    pub limit: Option<u64>,
+}
+
 /// The report of one call that the vendor answered with a result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallReport {
@@ -70,6 +82,8 @@ pub enum VendorError {
     Throttled {
         /// When the quota returns, if the vendor said.
         retry_after: Option<Duration>,
+        /// What else the 429 said about the quota.
+        hint: ThrottleHint,
     },
     /// 401/403: the credentials, not the job, are at fault.
     #[error("credentials refused (HTTP {status} {code}: {message}); check the API keys, application id/key and the API user's binding")]
@@ -206,12 +220,13 @@ impl VendorClient {
         metrics.vendor_call(self.kind(), &status, started.elapsed());
         match &sent {
             Ok(report) => limiter.call_answered(report.quota),
-            Err(VendorError::Throttled { retry_after }) => limiter.call_throttled(*retry_after),
+            Err(VendorError::Throttled { hint, .. }) => limiter.call_throttled(*hint),
             // Its 202 and polls told the limiter already; a 429 on the last
             // poll may have re-armed it, which must stand.
             Err(VendorError::TaskStillOpen { .. }) => {}
             Err(_) => limiter.call_answered(None),
         }
+        metrics.learned_rate(self.kind(), limiter.learned_rate());
         sent
     }
 }

@@ -175,8 +175,9 @@ impl PncpClient {
                 // The vendor holds the change already: wait out the pause (the
                 // next `acquire`) and poll the same task, rather than send the
                 // change again and start a second task.
-                let retry_after = http::retry_after(&headers);
-                limiter.call_throttled(retry_after);
+                let hint = http::throttle_hint(&headers);
+                let retry_after = hint.retry_after;
+                limiter.call_throttled(hint);
                 if Instant::now() + retry_after.unwrap_or(delay) > deadline {
                     return Err(VendorError::TaskStillOpen {
                         waited: self.task_timeout,
@@ -255,9 +256,7 @@ fn error_of(status: u16, headers: &HeaderMap) -> VendorError {
             code,
             message,
         },
-        429 => VendorError::Throttled {
-            retry_after: http::retry_after(headers),
-        },
+        429 => http::throttled(headers),
         _ => VendorError::Http {
             status,
             code,
@@ -319,7 +318,7 @@ mod tests {
         let throttled = error_of(429, &headers(&[("retry-after", "2")]));
         assert!(matches!(
             throttled,
-            VendorError::Throttled { retry_after: Some(d) } if d == Duration::from_secs(2)
+            VendorError::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(2)
         ));
         assert!(matches!(
             error_of(401, &HeaderMap::new()),

@@ -398,3 +398,23 @@ pub async fn start_worker_with_handle(
     let handle = tokio::spawn(async move { running.run(token).await });
     (stop, handle, worker)
 }
+
+/// The vendor's own count of what a run cost: calls that reached `vendor`
+/// from `skip_ms` after its first call on, and how many of them it refused with
+/// a 429 (the "429s after the first 2 s" is `refused_after(…, 2000)`).
+pub fn refused_after(
+    requests: &[mock_vendor::RecordedRequest],
+    vendor: mock_vendor::Vendor,
+    skip_ms: u64,
+) -> (usize, usize) {
+    let calls: Vec<_> = requests.iter().filter(|r| r.vendor == vendor).collect();
+    let Some(first) = calls.iter().map(|r| r.at_ms).min() else {
+        return (0, 0);
+    };
+    let counted: Vec<_> = calls
+        .iter()
+        .filter(|r| r.at_ms >= first + skip_ms)
+        .collect();
+    let refused = counted.iter().filter(|r| r.status == 429).count();
+    (counted.len(), refused)
+}
