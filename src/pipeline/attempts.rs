@@ -216,6 +216,12 @@ impl Pipeline {
                     }
                 };
             }
+            // The circuit may have opened while this job waited for its slot: a
+            // pass taken before then must not send another call into the outage.
+            if !pass.is_probe() && !circuit.is_closed() {
+                drop(probing);
+                continue;
+            }
             // Until the job has touched the vendor, stopping also ends the wait
             // for the rate limiter: nothing is recorded in flight before a call
             // has its turn, and a job aborted at the shutdown timeout would come
