@@ -224,7 +224,9 @@ async fn two_workers_learn_one_rate_for_the_fleet_from_a_vendor_that_says_only_4
     let fleet = start_fleet(&env, 2).await;
 
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let jobs = 150;
+    // Long enough (about 30 s) that the share measures the learned rate, not
+    // the few refusals of the first climb.
+    let jobs = 300;
     for i in 0..jobs {
         queues
             .publish(
