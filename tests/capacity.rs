@@ -28,10 +28,7 @@ fn two_slots(env: &mut HashMap<String, String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pncp_jobs_finish_while_mimecast_is_held_on_the_same_queue() {
     let mut app = TestApp::spawn_with("capacity_outage", two_slots).await;
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     // Mimecast's jobs come first: three times the prefetch's share that a held
     // vendor may keep, so they fill every slot and the whole prefetch unless
     // held jobs give both up.
@@ -41,10 +38,8 @@ async fn pncp_jobs_finish_while_mimecast_is_held_on_the_same_queue() {
             .publish(&json!({"jobId": format!("cm-{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("CM{i}"), "numberOfUsers": 1}]}))
             .await;
     }
+    app.wait_held(VendorKind::Mimecast).await;
     let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
     let pncp = 12;
     for i in 0..pncp {
         app.queues
@@ -171,10 +166,7 @@ async fn jobs_put_back_while_their_vendor_is_held_keep_their_account_order() {
         env.insert("HELD_DELIVERY_MAX".into(), "1s".into());
     })
     .await;
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     // More jobs of one account than the prefetch holds: while the vendor is
     // held, some go back to the tail of the queue and others are still in it.
     let jobs = 17;
@@ -183,10 +175,7 @@ async fn jobs_put_back_while_their_vendor_is_held_keep_their_account_order() {
             .publish(&json!({"jobId": format!("ord-{i}"), "vendor": "mimecast", "data": [{"accountCode": "ORDER1", "products": [i]}]}))
             .await;
     }
-    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
+    app.wait_held(VendorKind::Mimecast).await;
     // Held deliveries cycle through the queue a few times.
     tokio::time::sleep(Duration::from_secs(5)).await;
     app.mock.reset();
@@ -294,20 +283,14 @@ async fn pncp_jobs_finish_while_mimecast_calls_wait_out_a_long_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pncp_jobs_are_delivered_while_one_held_accounts_jobs_wait_for_their_turn() {
     let mut app = TestApp::spawn_with("capacity_review_turn", two_slots).await;
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     // One account's jobs: more than the prefetch (3 x 2).
     for i in 0..12 {
         app.queues
             .publish(&json!({"jobId": format!("rt-m{i}"), "vendor": "mimecast", "data": [{"accountCode": "RTHELD", "products": [i]}]}))
             .await;
     }
-    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
+    app.wait_held(VendorKind::Mimecast).await;
     let pncp = 4;
     for i in 0..pncp {
         app.queues
@@ -403,19 +386,13 @@ async fn a_later_job_does_not_overtake_a_parked_job_whose_copy_is_still_queued()
         env.insert("HELD_DELIVERY_MAX".into(), "2s".into());
     })
     .await;
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     // 50 ms a call and two slots: the PNCP backlog below takes about 12 s.
     app.mock.set_latency(Duration::from_millis(50));
     app.queues
         .publish(&json!({"jobId": "rs-a1", "vendor": "mimecast", "data": [{"accountCode": "RSTALE", "accountName": "first", "products": [1]}]}))
         .await;
-    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
+    app.wait_held(VendorKind::Mimecast).await;
     let backlog = 480;
     for i in 0..backlog {
         app.queues
@@ -466,17 +443,11 @@ async fn a_job_holding_the_probe_pass_goes_back_when_no_slot_frees() {
         env.insert("HELD_DELIVERY_MAX".into(), "1s".into());
     })
     .await;
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     app.queues
         .publish(&json!({"jobId": "rp-m", "vendor": "mimecast", "data": [{"accountCode": "RPROBE", "products": [1]}]}))
         .await;
-    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
+    app.wait_held(VendorKind::Mimecast).await;
     // A slow PNCP call takes the only slot for 8 s.
     app.mock
         .push_fault(Vendor::Pncp, Fault::Delay { ms: 8_000 });
@@ -510,20 +481,14 @@ async fn jobs_put_back_keep_their_account_order_across_a_restart() {
     })
     .await;
     let run = uuid::Uuid::new_v4().simple().to_string();
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     let jobs = 17;
     for i in 0..jobs {
         app.queues
             .publish(&json!({"jobId": format!("rr-{i}-{run}"), "vendor": "mimecast", "data": [{"accountCode": "RRORDER", "products": [i]}]}))
             .await;
     }
-    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
+    app.wait_held(VendorKind::Mimecast).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     // The worker is redeployed while the vendor is still held.
     app.stop_worker().await;
@@ -637,20 +602,14 @@ async fn putting_held_jobs_back_loses_no_job_on_a_length_limited_queue() {
         "queues",
     ]);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     // Three delivered (the prefetch), then four ready: the queue is at its limit.
     for i in 0..3 {
         app.queues
             .publish(&json!({"jobId": format!("rm-{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("RM{i}"), "products": [i]}]}))
             .await;
     }
-    let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
+    app.wait_held(VendorKind::Mimecast).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     for i in 3..7 {
         app.queues
@@ -700,10 +659,7 @@ async fn a_fleet_on_one_queue_sends_back_no_job_once_nothing_is_ahead_of_it() {
     .await;
     let (stop_b, task_b, worker_b) = common::start_worker_with_handle(&app.env).await;
     let run = uuid::Uuid::new_v4().simple().to_string();
-    for _ in 0..OUTAGE_ANSWERS {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, OUTAGE_ANSWERS);
     for i in 0..6 {
         app.queues
             .publish(&json!({"jobId": format!("rf-{i}-{run}"), "vendor": "mimecast", "data": [{"accountCode": "RFLEET", "products": [i]}]}))

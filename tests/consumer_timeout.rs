@@ -11,8 +11,8 @@ mod common;
 use std::time::Duration;
 
 use account_worker::job::{JobStatus, VendorKind};
-use account_worker::mock_vendor::{Fault, Vendor};
-use common::{TestApp, EVENT_TIMEOUT};
+use account_worker::mock_vendor::Vendor;
+use common::TestApp;
 use serde_json::json;
 
 /// The node settings this test lowers, with the values it sets: a 5-s
@@ -86,10 +86,7 @@ async fn an_outage_three_consumer_timeouts_long_closes_no_channel_and_loses_no_j
     })
     .await;
     // Mimecast refuses every call until the test ends the outage.
-    for _ in 0..40 {
-        app.mock
-            .push_fault(Vendor::Mimecast, Fault::Status { status: 401 });
-    }
+    app.refuse_calls(Vendor::Mimecast, 401, 40);
     let outage_started = tokio::time::Instant::now();
     let mimecast = 8;
     for i in 0..mimecast {
@@ -97,10 +94,8 @@ async fn an_outage_three_consumer_timeouts_long_closes_no_channel_and_loses_no_j
             .publish(&json!({"jobId": format!("ct-m{i}"), "vendor": "mimecast", "data": [{"accountCode": format!("CTM{i}"), "numberOfUsers": i + 1}]}))
             .await;
     }
+    app.wait_held(VendorKind::Mimecast).await;
     let circuit = app.worker.circuits().get(VendorKind::Mimecast);
-    tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
-        .await
-        .expect("Mimecast's 401 holds its jobs");
     let pncp = 6;
     for i in 0..pncp {
         app.queues

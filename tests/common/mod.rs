@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use account_worker::config::{QueueNames, Settings};
 use account_worker::job::JobResult;
+use account_worker::job::VendorKind;
 use account_worker::mock_vendor::{self, MockVendor, MockVendorConfig};
 use account_worker::worker::Worker;
 use futures_util::StreamExt;
@@ -361,6 +362,23 @@ impl TestApp {
             stop,
             task: Some(task),
         }
+    }
+
+    /// Queues `n` answers of `status` for every call to `vendor`: an outage
+    /// that lasts until the answers run out or the test calls `MockVendor::reset`.
+    pub fn refuse_calls(&self, vendor: mock_vendor::Vendor, status: u16, n: usize) {
+        for _ in 0..n {
+            self.mock
+                .push_fault(vendor, mock_vendor::Fault::Status { status });
+        }
+    }
+
+    /// Waits until `vendor`'s circuit is open: its jobs are held.
+    pub async fn wait_held(&self, vendor: VendorKind) {
+        let circuit = self.worker.circuits().get(vendor);
+        tokio::time::timeout(EVENT_TIMEOUT, circuit.wait_open())
+            .await
+            .unwrap_or_else(|_| panic!("{vendor}'s circuit opens: its jobs are held"));
     }
 
     /// Stops the worker gracefully (in-flight jobs finish or go back to the queue).
