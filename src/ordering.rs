@@ -93,14 +93,14 @@ impl AccountOrder {
         keys.sort();
         keys.dedup();
         let seq = {
-            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = lock(&self.next);
             *next += 1;
             *next
         };
         let (done, signal) = oneshot::channel();
         let signal = signal.shared();
         let followed = Arc::new(Notify::new());
-        let mut tails = self.tails.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tails = lock(&self.tails);
         let before = keys
             .iter()
             .filter_map(|key| tails.insert(key.clone(), (seq, signal.clone(), followed.clone())))
@@ -133,7 +133,7 @@ impl AccountOrder {
 
     /// Accounts with a job in line now (for tests).
     pub fn accounts_in_line(&self) -> usize {
-        self.tails.lock().unwrap_or_else(|p| p.into_inner()).len()
+        lock(&self.tails).len()
     }
 }
 
@@ -236,7 +236,7 @@ impl Drop for Place {
         if let Some(done) = self.done.take() {
             let _ = done.send(());
         }
-        let mut tails = self.order.tails.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tails = lock(&self.order.tails);
         for key in &self.keys {
             if tails.get(key).is_some_and(|(seq, _, _)| *seq == self.seq) {
                 tails.remove(key);

@@ -32,9 +32,10 @@ pub struct DeliveryHold {
     pub followed: Arc<Notify>,
 }
 
+#[cfg(test)]
 impl DeliveryHold {
-    /// A hold ending at `until` that nothing follows (tools and tests).
-    pub fn until(until: Instant) -> Self {
+    /// A hold ending at `until` that nothing follows.
+    fn until(until: Instant) -> Self {
         Self {
             until,
             followed: Arc::new(Notify::new()),
